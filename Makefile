@@ -1,0 +1,52 @@
+# busy-guard: every target sets up what it needs (venv, pip and npm installs) on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help install demo test lint typecheck pytest synth bench clean
+
+help:
+	@echo "make demo   - run the whole guard on a local sandbox (no AWS account)"
+	@echo "make test   - lint, type-check, pytest, and synthesize the CDK app with the real cdk CLI"
+	@echo "make synth  - cdk synth into cdk.out/ (no AWS credentials needed)"
+	@echo "make bench  - benchmarks in tests/bench/, figures printed"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+$(NODE_STAMP): package.json
+	npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+install: $(STAMP) $(NODE_STAMP)
+
+demo: $(STAMP)
+	$(BIN)/busy-guard demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check lambdas infra tests
+	$(BIN)/ruff format --check lambdas infra tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP) $(NODE_STAMP)
+	$(BIN)/pytest -q
+
+synth: $(STAMP) $(NODE_STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" npx --no-install cdk synth --quiet
+
+test: lint typecheck pytest $(if $(wildcard cdk.json),synth)
+
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench
+
+clean:
+	rm -rf $(VENV) node_modules cdk.out .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,172 @@
+"""Lambda entry point: route the three trigger shapes to ``Guard.reconcile`` / ``Guard.tick``.
+
+Thin on purpose: parsing lives in ``models``, decisions in ``decision``, I/O in the adapters.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from typing import Any
+
+import boto3
+from aws_lambda_powertools.metrics import MetricUnit, single_metric
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from botocore.config import Config
+
+from busy_guard import schema
+from busy_guard.decision import Reason
+from busy_guard.guard.autoscaling import LifecycleHooks
+from busy_guard.guard.config import GuardConfig
+from busy_guard.guard.models import (
+    Ignored,
+    Malformed,
+    StreamBatch,
+    Termination,
+    Tick,
+    classify,
+    parse_stream_record,
+)
+from busy_guard.guard.observability import NAMESPACE, SERVICE, MetricName, logger, metrics, tracer
+from busy_guard.guard.reconcile import Guard, Outcome, Step, Target, Trigger
+from busy_guard.guard.table import BusyTable
+
+# Short connect/read timeouts: a hung endpoint must cost a retry, not the whole invocation.
+_AWS_CONFIG = Config(connect_timeout=3, read_timeout=10, retries={"mode": "standard", "max_attempts": 3})
+
+
+class ReconcileError(RuntimeError):
+    """Some instances could not be reconciled; the next trigger tries again."""
+
+
+@functools.cache
+def build_guard() -> Guard:
+    """Configuration is validated once per container; clients are reused across invocations."""
+    config = GuardConfig.from_env()
+    return Guard(
+        table=BusyTable(boto3.client("dynamodb", config=_AWS_CONFIG), config.table_name),
+        hooks=LifecycleHooks(boto3.client("autoscaling", config=_AWS_CONFIG), config.hook_name),
+        config=config,
+    )
+
+
+@logger.inject_lambda_context(clear_state=True)
+@metrics.log_metrics
+@tracer.capture_lambda_handler
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return route(event, build_guard())
+
+
+def route(event: Any, guard: Guard) -> dict[str, Any]:
+    invocation = classify(event)
+    match invocation:
+        case Termination():
+            return _on_termination(invocation, guard)
+        case Tick():
+            report = guard.tick()
+            _record(report.outcomes)
+            if report.errors:
+                raise ReconcileError(f"{len(report.errors)} problem(s) in the tick: {report.errors[0]}")
+            return _summary(report.outcomes)
+        case StreamBatch():
+            return _on_stream(invocation.records, guard)
+        case Ignored():
+            logger.info(f"ignored: {invocation.reason}")
+            metrics.add_metric(name=MetricName.IGNORED_EVENTS, unit=MetricUnit.Count, value=1)
+            return {"ignored": invocation.reason}
+        case Malformed():
+            logger.error(f"malformed event: {invocation.reason}")
+            metrics.add_metric(name=MetricName.MALFORMED_EVENTS, unit=MetricUnit.Count, value=1)
+            return {"malformed": invocation.reason}
+
+
+def _on_termination(invocation: Termination, guard: Guard) -> dict[str, Any]:
+    detail = invocation.detail
+    config = guard.config
+    if detail.AutoScalingGroupName not in config.asg_names or detail.LifecycleHookName != config.hook_name:
+        reason = f"not ours: group {detail.AutoScalingGroupName!r}, hook {detail.LifecycleHookName!r}"
+        logger.info(f"ignored: {reason}")
+        return {"ignored": reason}
+    target = Target(
+        instance_id=detail.EC2InstanceId,
+        asg=detail.AutoScalingGroupName,
+        trigger=Trigger.EVENT,
+        not_before=invocation.event.time.timestamp(),
+    )
+    outcome = guard.reconcile(target)
+    _record([outcome])
+    return _summary([outcome])
+
+
+def _on_stream(records: list[Any], guard: Guard) -> dict[str, Any]:
+    """Reconcile every draining item in the batch; report only the records that failed, so the
+    event source retries (and bisects) those and no valid record is lost."""
+    failures: list[dict[str, str]] = []
+    outcomes: list[Outcome] = []
+    config = guard.config
+    for position, raw in enumerate(records):
+        record_id = raw.get("eventID", str(position)) if isinstance(raw, dict) else str(position)
+        try:
+            record = parse_stream_record(raw)
+            image = record.dynamodb.NewImage
+            state = schema.parse_item(image) if image else None
+        except (ValueError, schema.SchemaError) as error:
+            logger.error(f"malformed stream record {record_id}: {error}")
+            metrics.add_metric(name=MetricName.MALFORMED_EVENTS, unit=MetricUnit.Count, value=1)
+            continue  # retrying can't repair it
+        if state is None or state.draining is None or state.draining.asg not in config.asg_names:
+            logger.info(f"stream record {record_id}: not a draining item of a guarded group")
+            continue
+        if state.draining.hook not in ("", config.hook_name):
+            continue
+        target = Target(state.instance_id, state.draining.asg, Trigger.STREAM, known=state)
+        try:
+            outcomes.append(guard.reconcile(target))
+        except Exception:
+            logger.exception(f"stream record {record_id}: reconcile failed; the batch will retry it")
+            failures.append({"itemIdentifier": record_id})
+    _record(outcomes)
+    return {"batchItemFailures": failures, **_summary(outcomes)}
+
+
+def _record(outcomes: Iterable[Outcome]) -> None:
+    """Metrics are added here, in the invoking thread, never from the tick's worker threads."""
+    for outcome in outcomes:
+        decision = outcome.decision
+        if decision is not None and decision.stale_markers:
+            metrics.add_metric(
+                name=MetricName.STALE_MARKERS, unit=MetricUnit.Count, value=decision.stale_markers
+            )
+        if decision is not None and decision.reason is Reason.STATE_UNAVAILABLE:
+            metrics.add_metric(name=MetricName.STATE_READ_ERRORS, unit=MetricUnit.Count, value=1)
+        if outcome.step is Step.HEARTBEAT:
+            metrics.add_metric(name=MetricName.HEARTBEATS, unit=MetricUnit.Count, value=1)
+        if outcome.step is Step.COMPLETED and decision is not None:
+            if decision.reason is Reason.MAX_WAIT_EXCEEDED:
+                metrics.add_metric(name=MetricName.MAX_WAIT_EXCEEDED, unit=MetricUnit.Count, value=1)
+            if outcome.waited is not None:
+                metrics.add_metric(
+                    name=MetricName.HOOK_WAIT_SECONDS, unit=MetricUnit.Seconds, value=outcome.waited
+                )
+            # By reason, in its own EMF blob, so the dimension doesn't spill onto the others.
+            with single_metric(
+                name=MetricName.COMPLETED,
+                unit=MetricUnit.Count,
+                value=1,
+                namespace=NAMESPACE,
+                default_dimensions={"service": SERVICE},
+            ) as metric:
+                metric.add_dimension(name="reason", value=str(decision.reason))
+
+
+def _summary(outcomes: list[Outcome]) -> dict[str, Any]:
+    return {
+        "outcomes": [
+            {
+                "instance_id": outcome.target.instance_id,
+                "step": str(outcome.step),
+                "reason": str(outcome.decision.reason) if outcome.decision else None,
+            }
+            for outcome in outcomes
+        ]
+    }

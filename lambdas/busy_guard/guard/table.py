@@ -1,0 +1,152 @@
+"""The guard's view of the busy table: a handful of single-item writes and two bulk reads.
+
+Every method raises ``StateUnavailable`` for a DynamoDB failure (after the client's own retries)
+so the caller can turn it into a WAIT decision; a conditional failure is an answer, not an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from busy_guard import schema
+from busy_guard.schema import BusyState, Draining, Released
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
+
+BATCH_GET_LIMIT = 100
+
+
+class TableUnavailableError(RuntimeError):
+    """DynamoDB could not be read or written; the message says why."""
+
+
+class BusyTable:
+    def __init__(self, client: DynamoDBClient, table_name: str) -> None:
+        self._client = client
+        self._table = table_name
+
+    @property
+    def name(self) -> str:
+        return self._table
+
+    def release_if_idle(
+        self, instance_id: str, released: Released, *, ttl: float, not_before: float
+    ) -> tuple[bool, BusyState]:
+        """(True, state before) when the idle instance is now released; (False, current state)."""
+        request = schema.release_if_idle_update(released, ttl=ttl, not_before=not_before)
+        return self._conditional(instance_id, request)
+
+    def mark_draining(self, instance_id: str, draining: Draining) -> BusyState:
+        response = self._call(
+            "UpdateItem",
+            lambda: self._client.update_item(
+                TableName=self._table, Key=schema.key(instance_id), **schema.mark_draining_update(draining)
+            ),
+        )
+        return schema.parse_item(response.get("Attributes"), instance_id)
+
+    def release(
+        self,
+        instance_id: str,
+        released: Released,
+        *,
+        ttl: float,
+        draining_since: float | None,
+        last_op_at_raw: str | None = None,
+        check_last_op: bool = False,
+    ) -> tuple[bool, BusyState]:
+        """Move ``draining`` to ``released``. (False, current state) when the condition failed:
+        another trigger released it first, or a writer changed the item since the decision."""
+        request = schema.release_update(
+            released,
+            ttl=ttl,
+            draining_since=draining_since,
+            last_op_at_raw=last_op_at_raw,
+            check_last_op=check_last_op,
+        )
+        return self._conditional(instance_id, request)
+
+    def get(self, instance_id: str) -> BusyState:
+        response = self._call(
+            "GetItem",
+            lambda: self._client.get_item(
+                TableName=self._table, Key=schema.key(instance_id), ConsistentRead=True
+            ),
+        )
+        return schema.parse_item(response.get("Item"), instance_id)
+
+    def draining_items(self) -> dict[str, BusyState]:
+        """Every item the guard is waiting on, one Scan page per MB of table."""
+        states: dict[str, BusyState] = {}
+        kwargs: dict[str, Any] = {
+            "TableName": self._table,
+            "FilterExpression": "attribute_exists(#draining)",
+            "ExpressionAttributeNames": {"#draining": schema.DRAINING},
+        }
+        while True:
+            page = self._call("Scan", lambda: self._client.scan(**kwargs))
+            for item in page.get("Items", []):
+                state = _parse_or_none(item)
+                if state is not None:
+                    states[state.instance_id] = state
+            if "LastEvaluatedKey" not in page:
+                return states
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def get_many(self, instance_ids: Iterable[str]) -> dict[str, BusyState]:
+        """Items of many instances, 100 per BatchGetItem; a missing item is an empty state."""
+        wanted = list(dict.fromkeys(instance_ids))
+        states = {instance_id: BusyState(instance_id=instance_id) for instance_id in wanted}
+        for start in range(0, len(wanted), BATCH_GET_LIMIT):
+            keys: list[Any] = [schema.key(i) for i in wanted[start : start + BATCH_GET_LIMIT]]
+            for _attempt in range(5):
+                request: Any = {self._table: {"Keys": keys, "ConsistentRead": True}}
+                response = self._call(
+                    "BatchGetItem", lambda r=request: self._client.batch_get_item(RequestItems=r)
+                )
+                for item in response.get("Responses", {}).get(self._table, []):
+                    state = _parse_or_none(item)
+                    if state is not None:
+                        states[state.instance_id] = state
+                keys = response.get("UnprocessedKeys", {}).get(self._table, {}).get("Keys", [])
+                if not keys:
+                    break
+            else:
+                raise TableUnavailableError(f"BatchGetItem left {len(keys)} keys unprocessed after 5 tries")
+        return states
+
+    def _conditional(self, instance_id: str, request: dict[str, Any]) -> tuple[bool, BusyState]:
+        try:
+            response = self._client.update_item(TableName=self._table, Key=schema.key(instance_id), **request)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                old_item: Any = error.response.get("Item")
+                return False, schema.parse_item(old_item, instance_id)
+            raise TableUnavailableError(_describe("UpdateItem", error)) from error
+        except BotoCoreError as error:
+            raise TableUnavailableError(_describe("UpdateItem", error)) from error
+        return True, schema.parse_item(response.get("Attributes"), instance_id)
+
+    def _call(self, operation: str, call: Any) -> Any:
+        try:
+            return call()
+        except (ClientError, BotoCoreError) as error:
+            raise TableUnavailableError(_describe(operation, error)) from error
+
+
+def _parse_or_none(item: Any) -> BusyState | None:
+    try:
+        return schema.parse_item(item)
+    except schema.SchemaError:
+        return None
+
+
+def _describe(operation: str, error: Exception) -> str:
+    if isinstance(error, ClientError):
+        info = error.response.get("Error", {})
+        return f"DynamoDB {operation} failed: {info.get('Code', '?')}: {info.get('Message', '')}"[:300]
+    return f"DynamoDB {operation} failed: {type(error).__name__}: {error}"[:300]

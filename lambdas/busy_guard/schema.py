@@ -1,0 +1,547 @@
+"""The busy table: every attribute name, the parsed state of an item, and the update expressions.
+
+Pure: no I/O and no boto3. Items are in DynamoDB's wire format (``{"S": "..."}``) because the writer,
+the guard (low-level clients) and the stream records all speak it. The layout is fixed by DESIGN.md:
+
+    instance_id              S   partition key
+    leases                   M   lease id -> {kind, holder, started_at, heartbeat_at, expires_at}
+    active_destructive_ops   N   kept equal to the number of leases (counter-only readers)
+    last_destructive_op_at   S   ISO-8601 UTC of the last begin/end/heartbeat
+    last_destructive_op_kind S
+    draining                 M   {since, asg, hook}: the guard has looked; no new leases
+    released                 M   {at, reason, by}: the hook was completed
+    expires_at               N   TTL, set on release, removed by begin
+    active_leases            SS  legacy "<iso started_at>|<kind>|<id>", read only
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+# --- attribute names: the only place they are spelled -------------------------------------------
+INSTANCE_ID = "instance_id"
+LEASES = "leases"
+COUNTER = "active_destructive_ops"
+LAST_OP_AT = "last_destructive_op_at"
+LAST_OP_KIND = "last_destructive_op_kind"
+DRAINING = "draining"
+RELEASED = "released"
+TTL = "expires_at"
+LEGACY_LEASES = "active_leases"
+
+# fields of a lease
+KIND = "kind"
+HOLDER = "holder"
+STARTED_AT = "started_at"
+HEARTBEAT_AT = "heartbeat_at"
+EXPIRES_AT = "expires_at"
+# fields of draining / released
+SINCE = "since"
+ASG = "asg"
+HOOK = "hook"
+AT = "at"
+REASON = "reason"
+BY = "by"
+
+Item = Mapping[str, Any]
+"""A busy-table item in DynamoDB wire format."""
+UpdateRequest = dict[str, Any]
+"""Keyword arguments for ``UpdateItem`` (without TableName and Key)."""
+
+
+# --- the parsed state ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Lease:
+    lease_id: str
+    kind: str
+    holder: str
+    started_at: float
+    heartbeat_at: float
+    expires_at: float
+
+    def is_live(self, now: float, clock_skew: float) -> bool:
+        return self.expires_at + clock_skew > now
+
+
+@dataclass(frozen=True)
+class Draining:
+    since: float
+    asg: str
+    hook: str
+
+
+@dataclass(frozen=True)
+class Released:
+    at: float
+    reason: str
+    by: str
+
+
+@dataclass(frozen=True)
+class LegacyLease:
+    """One entry of the legacy ``active_leases`` string set."""
+
+    raw: str
+    started_at: float | None
+    kind: str
+    lease_id: str
+
+
+@dataclass(frozen=True)
+class BusyState:
+    """Everything the guard and the CLI need to know about one instance's item."""
+
+    instance_id: str
+    exists: bool = False
+    leases: tuple[Lease, ...] = ()
+    corrupt_leases: int = 0
+    counter: int | None = None
+    last_op_at: float | None = None
+    last_op_at_raw: str | None = None
+    last_op_kind: str | None = None
+    draining: Draining | None = None
+    released: Released | None = None
+    expires_at: float | None = None
+    legacy_leases: tuple[LegacyLease, ...] = ()
+    problems: tuple[str, ...] = field(default=())
+
+    @property
+    def untracked_ops(self) -> int:
+        """Operations counted by the counter but not described by a readable lease.
+
+        A legacy writer bumps only the counter; a corrupted lease entry is counted but unreadable.
+        Both are judged by the legacy rule (the counter's timestamp against the stale window).
+        Negative means the counter is below the lease count: harmless, reported as a problem.
+        """
+        if self.counter is None:
+            return self.corrupt_leases
+        return max(self.counter - len(self.leases), self.corrupt_leases)
+
+    @property
+    def is_draining(self) -> bool:
+        return self.draining is not None
+
+    @property
+    def is_released(self) -> bool:
+        """True when the guard finished with this instance's current termination."""
+        return self.released is not None and self.draining is None
+
+
+class SchemaError(ValueError):
+    """An item that is not a busy-table item at all (no key, not a map)."""
+
+
+def parse_item(item: Item | None, instance_id: str = "") -> BusyState:
+    """Parse any item of the busy table. Never raises for bad attribute values: each unreadable
+    part is skipped and named in ``problems`` so the caller can log it once."""
+    if not item:
+        return BusyState(instance_id=instance_id)
+    if not isinstance(item, Mapping):
+        raise SchemaError(f"item is {type(item).__name__}, expected a map of attributes")
+    problems: list[str] = []
+    key = _string(item.get(INSTANCE_ID))
+    if key is None and not instance_id:
+        raise SchemaError(f"item has no {INSTANCE_ID!r} string attribute")
+    resolved_id = key if key is not None else instance_id
+
+    leases, corrupt = _parse_leases(item.get(LEASES), problems)
+    counter = _parse_counter(item.get(COUNTER), problems)
+    last_raw = _string(item.get(LAST_OP_AT))
+    last_at = parse_iso(last_raw) if last_raw is not None else None
+    if last_raw is not None and last_at is None:
+        problems.append(f"{LAST_OP_AT} is not an ISO-8601 time: {last_raw[:64]!r}")
+    if counter is not None and counter < 0:
+        problems.append(f"{COUNTER} is negative ({counter}): treated as idle")
+    elif counter is not None and counter < len(leases):
+        problems.append(f"{COUNTER} ({counter}) is below the number of leases ({len(leases)})")
+
+    return BusyState(
+        instance_id=resolved_id,
+        exists=True,
+        leases=leases,
+        corrupt_leases=corrupt,
+        counter=counter,
+        last_op_at=last_at,
+        last_op_at_raw=last_raw,
+        last_op_kind=_string(item.get(LAST_OP_KIND)),
+        draining=_parse_draining(item.get(DRAINING), problems),
+        released=_parse_released(item.get(RELEASED), problems),
+        expires_at=_number(item.get(TTL)),
+        legacy_leases=_parse_legacy_leases(item.get(LEGACY_LEASES), problems),
+        problems=tuple(problems),
+    )
+
+
+def _parse_leases(value: Any, problems: list[str]) -> tuple[tuple[Lease, ...], int]:
+    if value is None:
+        return (), 0
+    entries = _map(value)
+    if entries is None:
+        problems.append(f"{LEASES} is not a map: every lease in it is unreadable")
+        return (), 1
+    leases: list[Lease] = []
+    corrupt = 0
+    for lease_id, raw in entries.items():
+        fields = _map(raw)
+        expires = _number(fields.get(EXPIRES_AT)) if fields is not None else None
+        if fields is None or expires is None:
+            corrupt += 1
+            problems.append(f"lease {str(lease_id)[:64]!r} has no readable {EXPIRES_AT}")
+            continue
+        started = _number(fields.get(STARTED_AT))
+        heartbeat = _number(fields.get(HEARTBEAT_AT))
+        leases.append(
+            Lease(
+                lease_id=str(lease_id),
+                kind=_string(fields.get(KIND)) or "unknown",
+                holder=_string(fields.get(HOLDER)) or "unknown",
+                started_at=started if started is not None else expires,
+                heartbeat_at=heartbeat if heartbeat is not None else (started or expires),
+                expires_at=expires,
+            )
+        )
+    # Sorted so that nothing downstream depends on the map's order.
+    return tuple(sorted(leases, key=lambda lease: lease.lease_id)), corrupt
+
+
+def _parse_counter(value: Any, problems: list[str]) -> int | None:
+    if value is None:
+        return None
+    number = _number(value)
+    if number is None:
+        problems.append(f"{COUNTER} is not a number")
+        return None
+    return int(number)
+
+
+def _parse_draining(value: Any, problems: list[str]) -> Draining | None:
+    if value is None:
+        return None
+    fields = _map(value)
+    since = _number(fields.get(SINCE)) if fields is not None else None
+    if fields is None or since is None:
+        # Still draining: an unreadable mark must never let new leases look welcome.
+        problems.append(f"{DRAINING} is unreadable; treated as draining since the epoch")
+        return Draining(since=0.0, asg="", hook="")
+    return Draining(since=since, asg=_string(fields.get(ASG)) or "", hook=_string(fields.get(HOOK)) or "")
+
+
+def _parse_released(value: Any, problems: list[str]) -> Released | None:
+    if value is None:
+        return None
+    fields = _map(value)
+    at = _number(fields.get(AT)) if fields is not None else None
+    if fields is None or at is None:
+        problems.append(f"{RELEASED} is unreadable")
+        return Released(at=0.0, reason="unknown", by="unknown")
+    return Released(at=at, reason=_string(fields.get(REASON)) or "", by=_string(fields.get(BY)) or "")
+
+
+def _parse_legacy_leases(value: Any, problems: list[str]) -> tuple[LegacyLease, ...]:
+    if value is None:
+        return ()
+    entries = value.get("SS") if isinstance(value, Mapping) else None
+    if not isinstance(entries, list):
+        problems.append(f"{LEGACY_LEASES} is not a string set")
+        return ()
+    parsed: list[LegacyLease] = []
+    for raw in entries:
+        text = str(raw)
+        started_raw, _, rest = text.partition("|")
+        kind, _, lease_id = rest.partition("|")
+        started = parse_iso(started_raw)
+        if started is None:
+            problems.append(f"legacy lease {text[:64]!r} has no readable start time")
+        parsed.append(LegacyLease(raw=text, started_at=started, kind=kind or "unknown", lease_id=lease_id))
+    return tuple(sorted(parsed, key=lambda lease: lease.raw))
+
+
+# --- wire-format helpers --------------------------------------------------------------------------
+def _string(value: Any) -> str | None:
+    if isinstance(value, Mapping) and isinstance(value.get("S"), str):
+        return str(value["S"])
+    return None
+
+
+def _number(value: Any) -> float | None:
+    if not isinstance(value, Mapping) or "N" not in value:
+        return None
+    try:
+        number = float(value["N"])
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a Python int beyond float range
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _map(value: Any) -> Mapping[str, Any] | None:
+    if isinstance(value, Mapping) and isinstance(value.get("M"), Mapping):
+        return value["M"]  # type: ignore[no-any-return]
+    return None
+
+
+def parse_iso(text: str | None) -> float | None:
+    """Epoch seconds of an ISO-8601 time; a time without a zone is UTC. None when unreadable."""
+    if not text:
+        return None
+    try:
+        parsed = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def num(value: float) -> dict[str, str]:
+    """A DynamoDB number; whole seconds print without a fraction."""
+    return {"N": str(int(value)) if float(value).is_integer() else repr(float(value))}
+
+
+def string(value: str) -> dict[str, str]:
+    return {"S": value}
+
+
+def key(instance_id: str) -> dict[str, dict[str, str]]:
+    return {INSTANCE_ID: string(instance_id)}
+
+
+# --- update expressions: the writer -------------------------------------------------------------
+_DRAIN_CLAUSE = (
+    "attribute_not_exists(#draining) AND (attribute_not_exists(#released) OR #released.#at < :boot)"
+)
+
+
+def lease_value(lease: Lease) -> dict[str, Any]:
+    return {
+        "M": {
+            KIND: string(lease.kind),
+            HOLDER: string(lease.holder),
+            STARTED_AT: num(lease.started_at),
+            HEARTBEAT_AT: num(lease.heartbeat_at),
+            EXPIRES_AT: num(lease.expires_at),
+        }
+    }
+
+
+def begin_update(lease: Lease, *, boot_time: float, create_map: bool) -> UpdateRequest:
+    """Add a lease, count it, and refuse while the guard is draining this instance.
+
+    DynamoDB cannot ``SET leases.#id`` while ``leases`` is missing, so the first lease of an item
+    creates the map (``create_map``), conditioned on the map still being missing; every later
+    lease adds to it, conditioned on the map existing and not yet holding this lease id. The caller
+    switches on which one failed; finding its own lease in the old item means an earlier attempt of
+    the same request already succeeded.
+    ``REMOVE released, expires_at``: the condition guarantees a ``released`` mark is from before
+    this boot (a warm-pool instance), so TTL never deletes a live instance's item.
+    """
+    names = {
+        "#leases": LEASES,
+        "#count": COUNTER,
+        "#last_at": LAST_OP_AT,
+        "#last_kind": LAST_OP_KIND,
+        "#draining": DRAINING,
+        "#released": RELEASED,
+        "#at": AT,
+        "#ttl": TTL,
+    }
+    values: dict[str, Any] = {
+        ":one": num(1),
+        ":boot": num(boot_time),
+        ":now_iso": string(iso(lease.heartbeat_at)),
+        ":kind": string(lease.kind),
+    }
+    if create_map:
+        target = "#leases = :leases"
+        values[":leases"] = {"M": {lease.lease_id: lease_value(lease)}}
+        map_clause = "attribute_not_exists(#leases)"
+    else:
+        names["#id"] = lease.lease_id
+        target = "#leases.#id = :lease"
+        values[":lease"] = lease_value(lease)
+        # Not already there: a retried request whose first attempt landed (a lost response) must
+        # not count the same lease twice. The caller sees its own lease in the returned old item.
+        map_clause = "attribute_exists(#leases) AND attribute_not_exists(#leases.#id)"
+    return {
+        "UpdateExpression": (
+            f"SET {target}, #last_at = :now_iso, #last_kind = :kind ADD #count :one REMOVE #released, #ttl"
+        ),
+        "ConditionExpression": f"{map_clause} AND {_DRAIN_CLAUSE}",
+        "ExpressionAttributeNames": names,
+        "ExpressionAttributeValues": values,
+        "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+    }
+
+
+def end_update(lease_id: str, *, kind: str, now: float) -> UpdateRequest:
+    """Remove a lease and uncount it, only if it is there: a lost begin never drives the counter
+    below zero."""
+    return {
+        "UpdateExpression": (
+            "REMOVE #leases.#id SET #last_at = :now_iso, #last_kind = :kind ADD #count :minus_one"
+        ),
+        "ConditionExpression": "attribute_exists(#leases.#id)",
+        "ExpressionAttributeNames": {
+            "#leases": LEASES,
+            "#id": lease_id,
+            "#count": COUNTER,
+            "#last_at": LAST_OP_AT,
+            "#last_kind": LAST_OP_KIND,
+        },
+        "ExpressionAttributeValues": {
+            ":minus_one": num(-1),
+            ":now_iso": string(iso(now)),
+            ":kind": string(kind),
+        },
+    }
+
+
+def heartbeat_update(lease_id: str, *, now: float, expires_at: float) -> UpdateRequest:
+    """Renew a lease that still exists; a lease removed by someone else is not resurrected."""
+    return {
+        "UpdateExpression": "SET #leases.#id.#hb = :now, #leases.#id.#exp = :exp, #last_at = :now_iso",
+        "ConditionExpression": "attribute_exists(#leases.#id)",
+        "ExpressionAttributeNames": {
+            "#leases": LEASES,
+            "#id": lease_id,
+            "#hb": HEARTBEAT_AT,
+            "#exp": EXPIRES_AT,
+            "#last_at": LAST_OP_AT,
+        },
+        "ExpressionAttributeValues": {
+            ":now": num(now),
+            ":exp": num(expires_at),
+            ":now_iso": string(iso(now)),
+        },
+    }
+
+
+# --- update expressions: the guard --------------------------------------------------------------
+def draining_value(draining: Draining) -> dict[str, Any]:
+    return {"M": {SINCE: num(draining.since), ASG: string(draining.asg), HOOK: string(draining.hook)}}
+
+
+def released_value(released: Released) -> dict[str, Any]:
+    return {"M": {AT: num(released.at), REASON: string(released.reason), BY: string(released.by)}}
+
+
+def mark_draining_update(draining: Draining) -> UpdateRequest:
+    """The guard's look: mark the instance draining and return the whole item in one atomic call.
+
+    ``if_not_exists`` keeps the first ``since``, so every later look writes nothing and emits no
+    stream record. ``REMOVE expires_at`` keeps TTL away from an item the guard is waiting on.
+    """
+    return {
+        "UpdateExpression": "SET #draining = if_not_exists(#draining, :draining) REMOVE #ttl",
+        "ExpressionAttributeNames": {"#draining": DRAINING, "#ttl": TTL},
+        "ExpressionAttributeValues": {":draining": draining_value(draining)},
+        "ReturnValues": "ALL_NEW",
+    }
+
+
+_IDLE_CLAUSE = (
+    "(attribute_not_exists(#count) OR #count <= :zero)"
+    " AND (attribute_not_exists(#leases) OR size(#leases) = :zero)"
+    " AND attribute_not_exists(#legacy)"
+)
+
+
+def release_if_idle_update(released: Released, *, ttl: float, not_before: float) -> UpdateRequest:
+    """Record the release of an instance that is provably idle, atomically with the check.
+
+    The fast path for a new termination: when no lease and no counter exist, this one write both
+    proves idleness and, through ``released``, refuses new leases, so ``CompleteLifecycleAction``
+    may follow at once. A ``released`` mark newer than ``not_before`` (the event's time) means this
+    termination was already finished, so a duplicate or late event changes nothing. On failure the
+    old item comes back, which is the state to decide on.
+    """
+    return {
+        "UpdateExpression": "SET #released = :released, #ttl = :ttl REMOVE #draining",
+        "ConditionExpression": (
+            f"{_IDLE_CLAUSE} AND (attribute_exists(#draining) OR attribute_not_exists(#released)"
+            " OR #released.#at < :not_before)"
+        ),
+        "ExpressionAttributeNames": {
+            "#count": COUNTER,
+            "#leases": LEASES,
+            "#legacy": LEGACY_LEASES,
+            "#draining": DRAINING,
+            "#released": RELEASED,
+            "#at": AT,
+            "#ttl": TTL,
+        },
+        "ExpressionAttributeValues": {
+            ":zero": num(0),
+            ":released": released_value(released),
+            ":ttl": num(ttl),
+            ":not_before": num(not_before),
+        },
+        "ReturnValues": "ALL_OLD",
+        "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+    }
+
+
+def release_update(
+    released: Released,
+    *,
+    ttl: float,
+    draining_since: float | None,
+    last_op_at_raw: str | None = None,
+    check_last_op: bool = False,
+) -> UpdateRequest:
+    """Move the mark from ``draining`` to ``released`` (with its TTL).
+
+    ``draining_since`` makes it a claim on one particular wait: of two concurrent triggers only one
+    succeeds, and a release never lands on a newer termination. With ``check_last_op`` it also
+    requires that no writer has touched the item since the state the decision was made on.
+    ``draining_since=None`` is the operator's unconditional override.
+    """
+    names: dict[str, str] = {"#released": RELEASED, "#ttl": TTL, "#draining": DRAINING}
+    values: dict[str, Any] = {":released": released_value(released), ":ttl": num(ttl)}
+    conditions: list[str] = []
+    if draining_since is not None:
+        names["#since"] = SINCE
+        values[":since"] = num(draining_since)
+        conditions.append("#draining.#since = :since")
+    if check_last_op:
+        names["#last_at"] = LAST_OP_AT
+        if last_op_at_raw is None:
+            conditions.append("attribute_not_exists(#last_at)")
+        else:
+            values[":last_at"] = string(last_op_at_raw)
+            conditions.append("#last_at = :last_at")
+    request: UpdateRequest = {
+        "UpdateExpression": "SET #released = :released, #ttl = :ttl REMOVE #draining",
+        "ExpressionAttributeNames": names,
+        "ExpressionAttributeValues": values,
+        "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+    }
+    if conditions:
+        request["ConditionExpression"] = " AND ".join(conditions)
+    return request
+
+
+# --- the stream filter ---------------------------------------------------------------------------
+def stream_filter_pattern() -> dict[str, Any]:
+    """Lambda event-source filter: only "the last lease of a draining instance just ended".
+
+    The guard's own writes never match: its look leaves the counter alone and its release removes
+    ``draining``. Heartbeats keep the counter above zero. Needs NEW_AND_OLD_IMAGES.
+    """
+    return {
+        "eventName": ["MODIFY"],
+        "dynamodb": {
+            "OldImage": {COUNTER: {"N": [{"anything-but": ["0"]}]}},
+            "NewImage": {
+                COUNTER: {"N": ["0"]},
+                DRAINING: {"M": {SINCE: {"N": [{"exists": True}]}}},
+            },
+        },
+    }

@@ -1,0 +1,54 @@
+"""GuardConfig: validated once, and a bad variable is named in the error."""
+
+from __future__ import annotations
+
+import pytest
+
+from busy_guard.decision import Action
+from busy_guard.guard.config import ConfigError, GuardConfig
+
+BASE = {"BUSY_GUARD_TABLE": "busy_guard.instance_busy", "BUSY_GUARD_ASG_NAMES": "graph-db, loader ,"}
+
+
+def test_defaults_follow_the_design() -> None:
+    config = GuardConfig.from_env(BASE)
+    assert config.asg_names == ("graph-db", "loader")
+    assert (config.hook_name, config.heartbeat_timeout, config.max_wait) == ("busy-guard", 900, 12 * 3600)
+    assert config.decision.max_wait_result is Action.CONTINUE
+    assert (config.decision.clock_skew, config.decision.legacy_stale_after) == (30, 6 * 3600)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"BUSY_GUARD_TABLE": ""}, "BUSY_GUARD_TABLE"),
+        ({"BUSY_GUARD_ASG_NAMES": " , "}, "BUSY_GUARD_ASG_NAMES"),
+        ({"BUSY_GUARD_HEARTBEAT_TIMEOUT_SECONDS": "9000"}, "BUSY_GUARD_HEARTBEAT_TIMEOUT_SECONDS"),
+        ({"BUSY_GUARD_HEARTBEAT_TIMEOUT_SECONDS": "abc"}, "BUSY_GUARD_HEARTBEAT_TIMEOUT_SECONDS"),
+        ({"BUSY_GUARD_MAX_WAIT_RESULT": "DEFAULT"}, "BUSY_GUARD_MAX_WAIT_RESULT"),
+        ({"BUSY_GUARD_MAX_WAIT_SECONDS": str(49 * 3600)}, "BUSY_GUARD_MAX_WAIT_SECONDS"),
+        (
+            {"BUSY_GUARD_HEARTBEAT_TIMEOUT_SECONDS": "120", "BUSY_GUARD_MAX_WAIT_SECONDS": "3600"},
+            "BUSY_GUARD_RECONCILE_INTERVAL_SECONDS",
+        ),
+        ({"BUSY_GUARD_RECONCILE_INTERVAL_SECONDS": "30"}, "BUSY_GUARD_RECONCILE_INTERVAL_SECONDS"),
+    ],
+)
+def test_bad_variables_are_named(overrides: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        GuardConfig.from_env({**BASE, **overrides})
+
+
+def test_missing_required_variables_are_named() -> None:
+    with pytest.raises(ConfigError) as caught:
+        GuardConfig.from_env({})
+    assert "BUSY_GUARD_TABLE" in str(caught.value)
+    assert "BUSY_GUARD_ASG_NAMES" in str(caught.value)
+
+
+def test_max_wait_ceiling_follows_the_heartbeat_timeout() -> None:
+    # 100 x 300 s = 30,000 s is the most AWS lets an instance wait with this hook.
+    fine = {**BASE, "BUSY_GUARD_HEARTBEAT_TIMEOUT_SECONDS": "300", "BUSY_GUARD_MAX_WAIT_SECONDS": "30000"}
+    assert GuardConfig.from_env(fine).max_wait == 30000
+    with pytest.raises(ConfigError, match="min\\(100 x HeartbeatTimeout, 48 h\\) = 30000s"):
+        GuardConfig.from_env({**fine, "BUSY_GUARD_MAX_WAIT_SECONDS": "30001"})
