@@ -30,9 +30,11 @@ install: $(STAMP) $(NODE_STAMP)
 demo: $(STAMP)
 	$(BIN)/busy-guard demo
 
+SOURCES := $(wildcard lambdas infra tests)
+
 lint: $(STAMP)
-	$(BIN)/ruff check lambdas infra tests
-	$(BIN)/ruff format --check lambdas infra tests
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
