@@ -50,7 +50,7 @@ class LifecycleHooks:
         base_delay: float = 0.2,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self._client = client
+        self.client = client
         self.hook_name = hook_name
         self._attempts = attempts
         self._base_delay = base_delay
@@ -59,7 +59,7 @@ class LifecycleHooks:
     def complete(self, asg: str, instance_id: str, result: str) -> HookResult:
         return self._lifecycle_call(
             "CompleteLifecycleAction",
-            lambda: self._client.complete_lifecycle_action(
+            lambda: self.client.complete_lifecycle_action(
                 AutoScalingGroupName=asg,
                 LifecycleHookName=self.hook_name,
                 InstanceId=instance_id,
@@ -70,7 +70,7 @@ class LifecycleHooks:
     def heartbeat(self, asg: str, instance_id: str) -> HookResult:
         return self._lifecycle_call(
             "RecordLifecycleActionHeartbeat",
-            lambda: self._client.record_lifecycle_action_heartbeat(
+            lambda: self.client.record_lifecycle_action_heartbeat(
                 AutoScalingGroupName=asg, LifecycleHookName=self.hook_name, InstanceId=instance_id
             ),
         )
@@ -99,7 +99,7 @@ class LifecycleHooks:
     def _describe_page(self, kwargs: dict[str, Any]) -> Any:
         try:
             return self._retrying(
-                "DescribeAutoScalingGroups", lambda: self._client.describe_auto_scaling_groups(**kwargs)
+                "DescribeAutoScalingGroups", lambda: self.client.describe_auto_scaling_groups(**kwargs)
             )
         except ClientError as error:
             raise AutoScalingUnavailableError(_describe("DescribeAutoScalingGroups", error)) from error

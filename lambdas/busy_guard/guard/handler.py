@@ -5,8 +5,8 @@ Thin on purpose: parsing lives in ``models``, decisions in ``decision``, I/O in 
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import boto3
@@ -39,22 +39,41 @@ class ReconcileError(RuntimeError):
     """Some instances could not be reconciled; the next trigger tries again."""
 
 
-@functools.cache
-def build_guard() -> Guard:
-    """Configuration is validated once per container; clients are reused across invocations."""
-    config = GuardConfig.from_env()
+_guard: Guard | None = None
+
+
+def build_guard(
+    *,
+    config: GuardConfig | None = None,
+    session: boto3.Session | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Guard:
+    """A guard from the environment's configuration, with its own clients."""
+    config = config or GuardConfig.from_env()
+    session = session or boto3.Session()
     return Guard(
-        table=BusyTable(boto3.client("dynamodb", config=_AWS_CONFIG), config.table_name),
-        hooks=LifecycleHooks(boto3.client("autoscaling", config=_AWS_CONFIG), config.hook_name),
+        table=BusyTable(session.client("dynamodb", config=_AWS_CONFIG), config.table_name),
+        hooks=LifecycleHooks(session.client("autoscaling", config=_AWS_CONFIG), config.hook_name),
         config=config,
+        clock=clock,
     )
+
+
+def use_guard(guard: Guard | None) -> None:
+    """Install the guard the handler uses (the sandbox and tests); None goes back to the default."""
+    global _guard  # noqa: PLW0603 - one guard per Lambda container, reused across invocations
+    _guard = guard
 
 
 @logger.inject_lambda_context(clear_state=True)
 @metrics.log_metrics
 @tracer.capture_lambda_handler
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    return route(event, build_guard())
+    if _guard is None:
+        # Configuration is validated once per container; clients are reused across invocations.
+        use_guard(build_guard())
+    assert _guard is not None
+    return route(event, _guard)
 
 
 def route(event: Any, guard: Guard) -> dict[str, Any]:

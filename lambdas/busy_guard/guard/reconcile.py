@@ -32,6 +32,8 @@ from busy_guard.schema import BusyState, Draining, Released
 
 GONE = "gone"
 MAX_CLAIM_ROUNDS = 3
+# A release this young is still being completed by the invocation that recorded it.
+RETRY_AFTER = 30.0
 
 
 class Trigger(StrEnum):
@@ -115,6 +117,14 @@ class Guard:
     @property
     def config(self) -> GuardConfig:
         return self._config
+
+    @property
+    def hooks(self) -> LifecycleHooks:
+        return self._hooks
+
+    @property
+    def table(self) -> BusyTable:
+        return self._table
 
     # --- one instance -----------------------------------------------------------------------------
     def reconcile(self, target: Target) -> Outcome:
@@ -286,7 +296,8 @@ class Guard:
             seen = known.get(instance_id) or others.get(instance_id)
             target = Target(instance_id, asg, Trigger.SCHEDULE, known=seen)
             if seen is not None and seen.is_released and seen.released is not None:
-                if seen.released.reason != GONE and now - seen.released.at < retry_window:
+                age = now - seen.released.at
+                if seen.released.reason != GONE and RETRY_AFTER <= age < retry_window:
                     work.append(RetryCompletion(target))
                 else:
                     finished.append(Outcome(target, Step.SKIPPED, detail="waiting on another hook"))

@@ -26,7 +26,7 @@ class TableUnavailableError(RuntimeError):
 
 class BusyTable:
     def __init__(self, client: DynamoDBClient, table_name: str) -> None:
-        self._client = client
+        self.client = client
         self._table = table_name
 
     @property
@@ -43,7 +43,7 @@ class BusyTable:
     def mark_draining(self, instance_id: str, draining: Draining) -> BusyState:
         response = self._call(
             "UpdateItem",
-            lambda: self._client.update_item(
+            lambda: self.client.update_item(
                 TableName=self._table, Key=schema.key(instance_id), **schema.mark_draining_update(draining)
             ),
         )
@@ -73,7 +73,7 @@ class BusyTable:
     def get(self, instance_id: str) -> BusyState:
         response = self._call(
             "GetItem",
-            lambda: self._client.get_item(
+            lambda: self.client.get_item(
                 TableName=self._table, Key=schema.key(instance_id), ConsistentRead=True
             ),
         )
@@ -88,7 +88,7 @@ class BusyTable:
             "ExpressionAttributeNames": {"#draining": schema.DRAINING},
         }
         while True:
-            page = self._call("Scan", lambda: self._client.scan(**kwargs))
+            page = self._call("Scan", lambda: self.client.scan(**kwargs))
             for item in page.get("Items", []):
                 state = _parse_or_none(item)
                 if state is not None:
@@ -106,7 +106,7 @@ class BusyTable:
             for _attempt in range(5):
                 request: Any = {self._table: {"Keys": keys, "ConsistentRead": True}}
                 response = self._call(
-                    "BatchGetItem", lambda r=request: self._client.batch_get_item(RequestItems=r)
+                    "BatchGetItem", lambda r=request: self.client.batch_get_item(RequestItems=r)
                 )
                 for item in response.get("Responses", {}).get(self._table, []):
                     state = _parse_or_none(item)
@@ -121,7 +121,7 @@ class BusyTable:
 
     def _conditional(self, instance_id: str, request: dict[str, Any]) -> tuple[bool, BusyState]:
         try:
-            response = self._client.update_item(TableName=self._table, Key=schema.key(instance_id), **request)
+            response = self.client.update_item(TableName=self._table, Key=schema.key(instance_id), **request)
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
                 old_item: Any = error.response.get("Item")

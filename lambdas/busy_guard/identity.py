@@ -1,0 +1,120 @@
+"""Who and when this process is: the EC2 instance id and the boot time of this machine.
+
+Nothing here touches the network at import time. The instance id comes from an explicit argument,
+else ``BUSY_GUARD_INSTANCE_ID``, else IMDSv2 (a token ``PUT``, then ``meta-data/instance-id``), with a
+short timeout; the answer is cached for the life of the process, a failure for five minutes (so a
+laptop does not pay the timeout on every operation, and a transient IMDS hiccup on EC2 heals).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+
+logger = logging.getLogger("busy_guard.identity")
+
+ENV_INSTANCE_ID = "BUSY_GUARD_INSTANCE_ID"
+# The variables botocore itself honours, so one setting covers both.
+ENV_IMDS_ENDPOINT = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
+ENV_IMDS_DISABLED = "AWS_EC2_METADATA_DISABLED"
+DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
+IMDS_TIMEOUT = 1.0
+IMDS_FAILURE_TTL = 300.0
+_TOKEN_TTL_SECONDS = "21600"  # noqa: S105 - a lifetime in seconds, not a secret
+
+_lock = threading.Lock()
+_imds_id: str | None = None
+_imds_failed_at: float | None = None
+_boot_time: float | None = None
+
+
+def resolve_instance_id(explicit: str | None = None) -> str:
+    """The instance id to lease on; ``""`` when none can be found (the caller then takes no lease)."""
+    if explicit is not None:
+        return explicit.strip()
+    from_env = os.environ.get(ENV_INSTANCE_ID, "").strip()
+    if from_env:
+        return from_env
+    return imds_instance_id()
+
+
+def imds_instance_id() -> str:
+    """This EC2 instance's id from IMDSv2, cached; ``""`` off EC2 or when IMDS does not answer."""
+    global _imds_id, _imds_failed_at  # noqa: PLW0603 - a process-wide cache is the point
+    if os.environ.get(ENV_IMDS_DISABLED, "").strip().lower() == "true":
+        return ""
+    # Held during the fetch: concurrent first callers wait for one request instead of each
+    # paying the timeout.
+    with _lock:
+        if _imds_id is not None:
+            return _imds_id
+        if _imds_failed_at is not None and time.monotonic() - _imds_failed_at < IMDS_FAILURE_TTL:
+            return ""
+        try:
+            _imds_id = _fetch_instance_id()
+            _imds_failed_at = None
+            return _imds_id
+        except (OSError, ValueError) as err:  # URLError, timeouts and refusals are all OSError
+            _imds_failed_at = time.monotonic()
+            logger.warning("busy_guard: no instance id from IMDS (%s); operations run without a lease", err)
+            return ""
+
+
+def _fetch_instance_id() -> str:
+    endpoint = os.environ.get(ENV_IMDS_ENDPOINT, "").strip() or DEFAULT_IMDS_ENDPOINT
+    if not endpoint.startswith(("http://", "https://")):
+        raise ValueError(f"{ENV_IMDS_ENDPOINT} must be an http(s) URL")
+    base = endpoint.rstrip("/")
+    # IMDS is link-local: an HTTP(S)_PROXY from the environment must never see these requests.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    # The scheme was checked above, so S310's file:/custom-scheme concern does not apply.
+    token_request = urllib.request.Request(  # noqa: S310
+        f"{base}/latest/api/token",
+        method="PUT",
+        headers={"X-aws-ec2-metadata-token-ttl-seconds": _TOKEN_TTL_SECONDS},
+    )
+    with opener.open(token_request, timeout=IMDS_TIMEOUT) as response:
+        token = bytes(response.read()).decode("ascii").strip()
+    id_request = urllib.request.Request(  # noqa: S310
+        f"{base}/latest/meta-data/instance-id", headers={"X-aws-ec2-metadata-token": token}
+    )
+    with opener.open(id_request, timeout=IMDS_TIMEOUT) as response:
+        instance_id = bytes(response.read()).decode("ascii").strip()
+    if not instance_id:
+        raise ValueError("IMDS returned an empty instance id")
+    return instance_id
+
+
+def boot_time() -> float:
+    """Epoch seconds at which this machine booted, computed once; 0.0 when unknown.
+
+    Begin compares it with a ``released`` mark: a mark from before this boot belongs to an earlier
+    life of a warm-pool instance and must not refuse new leases. 0.0 makes every mark "this boot",
+    which errs on the side of refusing.
+    """
+    global _boot_time  # noqa: PLW0603
+    if _boot_time is None:
+        _boot_time = _read_boot_time()
+    return _boot_time
+
+
+def _read_boot_time() -> float:
+    try:
+        with open("/proc/uptime", encoding="ascii") as uptime:
+            seconds = float(uptime.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return time.time() - seconds
+
+
+def reset_caches() -> None:
+    """Forget the cached instance id and boot time (tests)."""
+    global _imds_id, _imds_failed_at, _boot_time  # noqa: PLW0603
+    with _lock:
+        _imds_id = None
+        _imds_failed_at = None
+        _boot_time = None

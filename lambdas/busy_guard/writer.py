@@ -1,0 +1,644 @@
+"""The writer library: mark destructive work on this instance so the guard waits for it.
+
+    async with instance_busy(instance_id, OP_KIND_BULK_TABLE_INSERT):
+        ...
+
+Every operation holds its own lease on the instance's item (DESIGN.md, "The table"), renewed by a
+background heartbeat while the body runs: an asyncio task for the async API, a daemon thread for
+the sync one. The library never blocks real work: a DynamoDB failure of any kind is logged and the
+body runs without a lease; the boto3 client has short timeouts and one retry, so a dead endpoint
+costs ``begin`` about a second. The one deliberate refusal is a new lease on an instance the guard
+is draining (``InstanceDrainingError``, or a warning with ``on_draining="warn"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard, cast
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from busy_guard import identity, schema
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb.client import DynamoDBClient
+
+logger = logging.getLogger("busy_guard.writer")
+
+# The kinds the replaced system used; any other string is accepted too.
+OP_KIND_MATERIALIZATION = "materialization"
+OP_KIND_DAGSTER_MATERIALIZATION = "dagster_materialization"
+OP_KIND_SEC_STAGING = "sec_staging"
+OP_KIND_EXTENSIONS_MATERIALIZE = "extensions_materialize"
+OP_KIND_BULK_TABLE_CREATE = "bulk_table_create"
+OP_KIND_BULK_TABLE_INSERT = "bulk_table_insert"
+
+ENV_TABLE = "BUSY_GUARD_TABLE"
+ENV_ENDPOINT_URL = "BUSY_GUARD_ENDPOINT_URL"
+DEFAULT_HEARTBEAT_INTERVAL = 60.0
+DEFAULT_LEASE_TTL = 180.0
+
+# Worst case per call against an endpoint that accepts and never answers: two attempts of 0.5 s
+# plus botocore's DynamoDB backoff (at most 25 ms before the first retry) -- about a second.
+CLIENT_CONFIG = Config(
+    connect_timeout=0.5,
+    read_timeout=0.5,
+    retries={"total_max_attempts": 2, "mode": "standard"},
+)
+# Begin needs at most: add to the map, create the map, add again (lost a race to create it).
+_BEGIN_TRIES = 3
+
+OnDraining = Literal["raise", "warn"]
+_ON_DRAINING: tuple[str, ...] = ("raise", "warn")
+
+
+class InstanceDrainingError(RuntimeError):
+    """The guard is draining this instance for termination: no new destructive operation may start."""
+
+    def __init__(self, instance_id: str, state: schema.BusyState) -> None:
+        self.instance_id = instance_id
+        self.draining = state.draining
+        self.released = state.released
+        if state.draining is not None:
+            why = f"draining since {schema.iso(state.draining.since)}"
+            if state.draining.asg:
+                why += f" (group {state.draining.asg}, hook {state.draining.hook})"
+        elif state.released is not None:
+            why = f"released for termination at {schema.iso(state.released.at)}"
+        else:
+            why = "draining"
+        super().__init__(f"instance {instance_id} is {why}: refusing to start a destructive operation")
+
+
+@dataclass(eq=False)
+class LeaseHandle:
+    """One recorded lease. Pass it to ``end_destructive_op``; its heartbeat runs until then."""
+
+    lease_id: str
+    instance_id: str
+    kind: str
+    table: str
+    _writer: _Writer = field(repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+    _task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def heartbeat_running(self) -> bool:
+        if self._task is not None:
+            return not self._task.done()
+        return self._thread is not None and self._thread.is_alive()
+
+    def _stop_heartbeat(self) -> None:
+        self._stop.set()
+        task = self._task
+        if task is None or task.done():
+            return
+        try:
+            same_loop = asyncio.get_running_loop() is task.get_loop()
+        except RuntimeError:
+            same_loop = False
+        if same_loop:
+            task.cancel()
+            return
+        # Ended from a worker thread, sync code or another loop. If that loop is closed the task
+        # will never run again anyway.
+        with contextlib.suppress(RuntimeError):
+            task.get_loop().call_soon_threadsafe(task.cancel)
+
+
+class _Refused(Exception):
+    """Internal signal from ``_record``: the item says the instance is draining."""
+
+    def __init__(self, state: schema.BusyState) -> None:
+        self.state = state
+
+
+# --- clients: created lazily, one per (region, endpoint) ----------------------------------------
+_clients: dict[tuple[str | None, str | None], DynamoDBClient] = {}
+_state_lock = threading.Lock()
+_session: boto3.session.Session | None = None
+_logged_once: set[str] = set()
+
+
+def _shared_client(endpoint_url: str | None) -> DynamoDBClient:
+    global _session  # noqa: PLW0603 - lazily created, never at import
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+    cache_key = (region, endpoint_url)
+    with _state_lock:
+        client = _clients.get(cache_key)
+        if client is None:
+            # One private session, used under the lock (sessions are not thread-safe): later
+            # clients reuse its loaded service models instead of parsing them again.
+            _session = _session or boto3.session.Session()
+            client = _session.client(
+                "dynamodb", region_name=region, endpoint_url=endpoint_url, config=CLIENT_CONFIG
+            )
+            _clients[cache_key] = client
+        return client
+
+
+def reset_caches() -> None:
+    """Forget cached clients and once-only log state (tests, or after changing the environment)."""
+    global _session  # noqa: PLW0603
+    with _state_lock:
+        _clients.clear()
+        _logged_once.clear()
+        _session = None
+
+
+def _log_once(key: str, level: int, message: str, *args: object) -> None:
+    with _state_lock:
+        first = key not in _logged_once
+        _logged_once.add(key)
+    logger.log(level if first else logging.DEBUG, message, *args)
+
+
+def _error_code(err: ClientError) -> str:
+    return str(err.response.get("Error", {}).get("Code", ""))
+
+
+def _old_item(err: ClientError) -> schema.Item:
+    """The item as it was when a condition failed (``ReturnValuesOnConditionCheckFailure``)."""
+    item = cast(Mapping[str, Any], err.response).get("Item")
+    return item if isinstance(item, Mapping) else {}
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+# --- the writer: configuration plus the three DynamoDB calls ------------------------------------
+@dataclass(frozen=True)
+class _Writer:
+    table: str | None
+    on_draining: OnDraining
+    heartbeat_interval: float
+    lease_ttl: float
+    clock: Callable[[], float]
+    client: DynamoDBClient | None
+    endpoint_url: str | None
+
+    @classmethod
+    def configure(
+        cls,
+        *,
+        table: str | None,
+        on_draining: str,
+        heartbeat_interval: float,
+        lease_ttl: float,
+        client: DynamoDBClient | None,
+        clock: Callable[[], float] | None,
+        endpoint_url: str | None,
+    ) -> _Writer:
+        """Validate the arguments (a ``ValueError`` is a bug at the call site) and read the
+        environment. No I/O."""
+        if on_draining not in _ON_DRAINING:
+            raise ValueError(f"on_draining must be one of {_ON_DRAINING}, not {on_draining!r}")
+        if not (math.isfinite(heartbeat_interval) and heartbeat_interval > 0):
+            raise ValueError(
+                f"heartbeat_interval must be a positive number of seconds, not {heartbeat_interval}"
+            )
+        if not (math.isfinite(lease_ttl) and lease_ttl > heartbeat_interval):
+            raise ValueError(
+                f"lease_ttl ({lease_ttl}) must be longer than heartbeat_interval ({heartbeat_interval})"
+            )
+        return cls(
+            table=table or os.environ.get(ENV_TABLE, "").strip() or None,
+            on_draining="warn" if on_draining == "warn" else "raise",
+            heartbeat_interval=float(heartbeat_interval),
+            lease_ttl=float(lease_ttl),
+            clock=clock or time.time,
+            client=client,
+            endpoint_url=endpoint_url or os.environ.get(ENV_ENDPOINT_URL, "").strip() or None,
+        )
+
+    def _client(self) -> DynamoDBClient:
+        return self.client if self.client is not None else _shared_client(self.endpoint_url)
+
+    def _update(self, instance_id: str, request: schema.UpdateRequest) -> None:
+        assert self.table is not None
+        self._client().update_item(TableName=self.table, Key=schema.key(instance_id), **request)
+
+    # --- begin -----------------------------------------------------------------------------------
+    def begin(self, instance_id: str | None, kind: str) -> LeaseHandle | None:
+        """Record a lease; None when none was taken (the body then runs unprotected).
+
+        Blocking: the async API runs it in a thread. Raises only ``InstanceDrainingError``.
+        """
+        try:
+            resolved = identity.resolve_instance_id(instance_id)
+        except Exception as err:  # never let identity lookup break real work
+            resolved = ""
+            logger.warning("busy_guard: could not resolve the instance id (%s)", _describe(err))
+        if not resolved:
+            _log_once(
+                "no-instance-id",
+                logging.WARNING,
+                "busy_guard: no instance id (argument, %s or IMDS): %s runs without a lease",
+                identity.ENV_INSTANCE_ID,
+                kind,
+            )
+            return None
+        if self.table is None:
+            _log_once(
+                "no-table",
+                logging.ERROR,
+                "busy_guard: no table name (argument or %s): %s runs without a lease; fix the config",
+                ENV_TABLE,
+                kind,
+            )
+            return None
+        now = self.clock()
+        holder = f"{socket.gethostname()}:{os.getpid()}"  # per call: a forked child has its own pid
+        lease = schema.Lease(uuid.uuid4().hex, kind, holder, now, now, now + self.lease_ttl)
+        try:
+            recorded = self._record(resolved, lease)
+        except _Refused as refused:
+            if self.on_draining == "raise":
+                raise InstanceDrainingError(resolved, refused.state) from None
+            logger.warning(
+                "busy_guard: %s; on_draining='warn', so %s runs anyway, without a lease",
+                InstanceDrainingError(resolved, refused.state),
+                kind,
+            )
+            return None
+        except Exception as err:
+            logger.warning(
+                "busy_guard: begin of %s on %s failed (%s); the operation runs without a lease",
+                kind,
+                resolved,
+                _describe(err),
+            )
+            return None
+        if not recorded:
+            return None
+        logger.debug("busy_guard: lease %s (%s) recorded on %s", lease.lease_id, kind, resolved)
+        return LeaseHandle(lease.lease_id, resolved, kind, self.table, self)
+
+    def _record(self, instance_id: str, lease: schema.Lease) -> bool:
+        boot = identity.boot_time()
+        create_map = False
+        old: schema.Item = {}
+        for _ in range(_BEGIN_TRIES):
+            try:
+                self._update(instance_id, schema.begin_update(lease, boot_time=boot, create_map=create_map))
+                return True
+            except ClientError as err:
+                code = _error_code(err)
+                if code == "ValidationException" and "document path" in str(err).lower():
+                    create_map = True  # how real DynamoDB may report SET leases.#id without a map
+                    continue
+                if code != "ConditionalCheckFailedException":
+                    raise
+                old = _old_item(err)
+            state = schema.parse_item(old, instance_id)
+            if any(existing.lease_id == lease.lease_id for existing in state.leases):
+                return True  # a retried request whose first attempt had landed
+            if state.draining is not None or (state.released is not None and state.released.at >= boot):
+                raise _Refused(state)
+            # Otherwise the map's presence was not what this form assumed (new item, guard-made
+            # item, or a concurrent begin created it first): switch forms.
+            create_map = schema.LEASES not in old
+        logger.warning(
+            "busy_guard: begin of %s on %s gave up after %d conflicting tries (item problems: %s); "
+            "the operation runs without a lease",
+            lease.kind,
+            instance_id,
+            _BEGIN_TRIES,
+            "; ".join(schema.parse_item(old, instance_id).problems) or "none",
+        )
+        return False
+
+    # --- heartbeat and end ----------------------------------------------------------------------
+    def heartbeat(self, handle: LeaseHandle) -> bool:
+        """Renew the lease once. False when the heartbeat should stop (the lease is gone)."""
+        now = self.clock()
+        request = schema.heartbeat_update(handle.lease_id, now=now, expires_at=now + self.lease_ttl)
+        try:
+            self._update(handle.instance_id, request)
+            return True
+        except ClientError as err:
+            if _error_code(err) != "ConditionalCheckFailedException":
+                failure: Exception = err
+            else:
+                if not handle._stop.is_set():  # racing our own end is normal; anything else is not
+                    logger.warning(
+                        "busy_guard: lease %s (%s) is no longer on %s (removed by an operator?); "
+                        "its heartbeat stops, the operation continues",
+                        handle.lease_id,
+                        handle.kind,
+                        handle.instance_id,
+                    )
+                return False
+        except Exception as err:
+            failure = err
+        logger.warning(
+            "busy_guard: heartbeat of lease %s on %s failed (%s); retrying in %.0f s",
+            handle.lease_id,
+            handle.instance_id,
+            _describe(failure),
+            self.heartbeat_interval,
+        )
+        return True
+
+    def end(self, handle: LeaseHandle) -> None:
+        """Stop the heartbeat and remove the lease. Never raises."""
+        handle._stop_heartbeat()
+        request = schema.end_update(handle.lease_id, kind=handle.kind, now=self.clock())
+        try:
+            self._update(handle.instance_id, request)
+            return
+        except ClientError as err:
+            if _error_code(err) != "ConditionalCheckFailedException":
+                failure: Exception = err
+            else:
+                # Never recorded, or removed by someone else: the condition kept the counter from
+                # dropping below the lease count. Expected, so not a warning.
+                logger.info(
+                    "busy_guard: lease %s (%s) was not on %s at end; nothing to remove",
+                    handle.lease_id,
+                    handle.kind,
+                    handle.instance_id,
+                )
+                return
+        except Exception as err:
+            failure = err
+        logger.warning(
+            "busy_guard: end of lease %s (%s) on %s failed (%s); it expires on its own within %.0f s",
+            handle.lease_id,
+            handle.kind,
+            handle.instance_id,
+            _describe(failure),
+            self.lease_ttl,
+        )
+
+    # --- heartbeat loops ------------------------------------------------------------------------
+    def start_thread(self, handle: LeaseHandle) -> None:
+        def run() -> None:
+            # Event.wait, not sleep: the thread ends as soon as the body does.
+            while not handle._stop.wait(self.heartbeat_interval):
+                if not self.heartbeat(handle):
+                    return
+
+        handle._thread = threading.Thread(
+            target=run, name=f"busy-guard-heartbeat-{handle.lease_id[:8]}", daemon=True
+        )
+        handle._thread.start()
+
+    def start_task(self, handle: LeaseHandle) -> None:
+        async def run() -> None:
+            while True:
+                await asyncio.sleep(self.heartbeat_interval)
+                if handle._stop.is_set() or not await asyncio.to_thread(self.heartbeat, handle):
+                    return
+
+        handle._task = asyncio.get_running_loop().create_task(
+            run(), name=f"busy-guard-heartbeat-{handle.lease_id[:8]}"
+        )
+
+
+class _AbandonableBegin:
+    """A begin in a worker thread whose async caller may be cancelled while it runs.
+
+    The thread cannot be stopped, so its write may land after the caller has gone. Whichever of
+    the two finishes second releases that lease at once instead of leaving it to expire.
+    """
+
+    def __init__(self, writer: _Writer, instance_id: str | None, kind: str) -> None:
+        self._writer = writer
+        self._instance_id = instance_id
+        self._kind = kind
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._handle: LeaseHandle | None = None
+
+    def run(self) -> LeaseHandle | None:
+        handle = self._writer.begin(self._instance_id, self._kind)
+        with self._lock:
+            if not self._abandoned:
+                self._handle = handle
+                return handle
+        if handle is not None:
+            self._writer.end(handle)
+        return None
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            handle, self._handle = self._handle, None
+        if handle is not None:  # the thread finished first; don't block the event loop on the end
+            threading.Thread(
+                target=self._writer.end, args=(handle,), name="busy-guard-end", daemon=True
+            ).start()
+
+
+def _endable(lease: object, instance_id: str | None) -> TypeGuard[LeaseHandle]:
+    """Whether ``lease`` is a handle to end. Ends run in ``finally`` blocks, so a wrong argument is
+    logged, never raised: it would replace the body's own exception."""
+    if lease is None:
+        return False
+    if not isinstance(lease, LeaseHandle):
+        logger.error(
+            "busy_guard: end_destructive_op needs the handle begin_destructive_op returned, not %s",
+            type(lease).__name__,
+        )
+        return False
+    if instance_id and instance_id != lease.instance_id:
+        logger.debug(
+            "busy_guard: end for %s with a lease of %s; using the lease's", instance_id, lease.instance_id
+        )
+    return True
+
+
+# --- the public API ------------------------------------------------------------------------------
+async def begin_destructive_op(
+    instance_id: str | None = None,
+    op_kind: str = OP_KIND_MATERIALIZATION,
+    *,
+    table: str | None = None,
+    on_draining: OnDraining = "raise",
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+    lease_ttl: float = DEFAULT_LEASE_TTL,
+    client: DynamoDBClient | None = None,
+    clock: Callable[[], float] | None = None,
+    endpoint_url: str | None = None,
+) -> LeaseHandle | None:
+    """Take a lease for an operation on this instance and start its heartbeat task.
+
+    Returns the handle to pass to ``end_destructive_op``, or None when no lease was taken: an
+    empty or unknown instance id, no table name configured (logged as an error once: a config bug,
+    but real work is never blocked for it), any DynamoDB failure, or ``on_draining="warn"`` on a
+    draining instance. Raises ``InstanceDrainingError`` when the instance is draining (default),
+    and ``ValueError`` for invalid arguments. The DynamoDB call runs in a worker thread.
+    """
+    writer = _Writer.configure(
+        table=table,
+        on_draining=on_draining,
+        heartbeat_interval=heartbeat_interval,
+        lease_ttl=lease_ttl,
+        client=client,
+        clock=clock,
+        endpoint_url=endpoint_url,
+    )
+    begin = _AbandonableBegin(writer, instance_id, op_kind)
+    try:
+        handle = await asyncio.to_thread(begin.run)
+    except asyncio.CancelledError:
+        begin.abandon()
+        raise
+    if handle is not None:
+        writer.start_task(handle)
+    return handle
+
+
+async def end_destructive_op(instance_id: str | None, lease: LeaseHandle | None) -> None:
+    """Stop the lease's heartbeat and remove it. Never raises; ``lease=None`` is a no-op.
+
+    ``instance_id`` is accepted for call-site compatibility; the lease knows its instance.
+    """
+    if not _endable(lease, instance_id):
+        return
+    lease._stop_heartbeat()
+    task = lease._task
+    await asyncio.to_thread(lease._writer.end, lease)
+    if task is not None and task.get_loop() is asyncio.get_running_loop():
+        await asyncio.wait([task])  # unlike awaiting it, never turns its cancellation into ours
+
+
+def begin_destructive_op_sync(
+    instance_id: str | None = None,
+    op_kind: str = OP_KIND_MATERIALIZATION,
+    *,
+    table: str | None = None,
+    on_draining: OnDraining = "raise",
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+    lease_ttl: float = DEFAULT_LEASE_TTL,
+    client: DynamoDBClient | None = None,
+    clock: Callable[[], float] | None = None,
+    endpoint_url: str | None = None,
+) -> LeaseHandle | None:
+    """``begin_destructive_op`` for sync code: the heartbeat is a daemon thread."""
+    writer = _Writer.configure(
+        table=table,
+        on_draining=on_draining,
+        heartbeat_interval=heartbeat_interval,
+        lease_ttl=lease_ttl,
+        client=client,
+        clock=clock,
+        endpoint_url=endpoint_url,
+    )
+    handle = writer.begin(instance_id, op_kind)
+    if handle is not None:
+        writer.start_thread(handle)
+    return handle
+
+
+def end_destructive_op_sync(instance_id: str | None, lease: LeaseHandle | None) -> None:
+    """``end_destructive_op`` for sync code. Never raises; ``lease=None`` is a no-op."""
+    if _endable(lease, instance_id):
+        lease._writer.end(lease)
+
+
+@asynccontextmanager
+async def instance_busy(
+    instance_id: str | None = None,
+    op_kind: str = OP_KIND_MATERIALIZATION,
+    *,
+    table: str | None = None,
+    on_draining: OnDraining = "raise",
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+    lease_ttl: float = DEFAULT_LEASE_TTL,
+    client: DynamoDBClient | None = None,
+    clock: Callable[[], float] | None = None,
+    endpoint_url: str | None = None,
+) -> AsyncIterator[LeaseHandle | None]:
+    """Hold a lease while the body runs: ``async with instance_busy(instance_id, op_kind): ...``.
+
+    Yields the lease handle, or None when the body runs without one (see ``begin_destructive_op``;
+    a missing table name is logged as an error once and the body still runs). The lease is removed
+    however the body ends, cancellation included; the body's exception propagates unchanged.
+    Raises ``InstanceDrainingError`` before the body when the instance is draining, unless
+    ``on_draining="warn"``.
+    """
+    handle = await begin_destructive_op(
+        instance_id,
+        op_kind,
+        table=table,
+        on_draining=on_draining,
+        heartbeat_interval=heartbeat_interval,
+        lease_ttl=lease_ttl,
+        client=client,
+        clock=clock,
+        endpoint_url=endpoint_url,
+    )
+    try:
+        yield handle
+    finally:
+        await end_destructive_op(instance_id, handle)
+
+
+@contextmanager
+def instance_busy_sync(
+    instance_id: str | None = None,
+    op_kind: str = OP_KIND_MATERIALIZATION,
+    *,
+    table: str | None = None,
+    on_draining: OnDraining = "raise",
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+    lease_ttl: float = DEFAULT_LEASE_TTL,
+    client: DynamoDBClient | None = None,
+    clock: Callable[[], float] | None = None,
+    endpoint_url: str | None = None,
+) -> Iterator[LeaseHandle | None]:
+    """``instance_busy`` for sync code: ``with instance_busy_sync(instance_id, op_kind): ...``."""
+    handle = begin_destructive_op_sync(
+        instance_id,
+        op_kind,
+        table=table,
+        on_draining=on_draining,
+        heartbeat_interval=heartbeat_interval,
+        lease_ttl=lease_ttl,
+        client=client,
+        clock=clock,
+        endpoint_url=endpoint_url,
+    )
+    try:
+        yield handle
+    finally:
+        end_destructive_op_sync(instance_id, handle)
+
+
+__all__ = [
+    "DEFAULT_HEARTBEAT_INTERVAL",
+    "DEFAULT_LEASE_TTL",
+    "ENV_ENDPOINT_URL",
+    "ENV_TABLE",
+    "OP_KIND_BULK_TABLE_CREATE",
+    "OP_KIND_BULK_TABLE_INSERT",
+    "OP_KIND_DAGSTER_MATERIALIZATION",
+    "OP_KIND_EXTENSIONS_MATERIALIZE",
+    "OP_KIND_MATERIALIZATION",
+    "OP_KIND_SEC_STAGING",
+    "InstanceDrainingError",
+    "LeaseHandle",
+    "begin_destructive_op",
+    "begin_destructive_op_sync",
+    "end_destructive_op",
+    "end_destructive_op_sync",
+    "instance_busy",
+    "instance_busy_sync",
+]

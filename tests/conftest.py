@@ -1,0 +1,98 @@
+"""Shared fixtures: fake AWS credentials, moto, the busy table, a controllable clock."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+from moto.core.botocore_stubber import BotocoreStubber
+
+REGION = "us-east-1"
+BUSY_TABLE = "busy_guard.instance_busy"
+
+
+@pytest.fixture(autouse=True)
+def aws_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs with fake credentials and a region, never a developer's profile, and without
+    IMDS (so nothing waits on 169.254.169.254) or any BUSY_GUARD_* setting from the shell."""
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_REGION", REGION)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name in ("BUSY_GUARD_INSTANCE_ID", "BUSY_GUARD_TABLE", "BUSY_GUARD_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """moto for every service, with requests served one at a time.
+
+    Real DynamoDB serializes the writes to one item; moto's in-process backend does not and corrupts
+    its own state when threads update one item at once. One lock around its request handler gives
+    back DynamoDB's semantics without replacing any of moto's behaviour.
+    """
+    lock = threading.Lock()
+    original = BotocoreStubber.process_request
+
+    def serialized(self: BotocoreStubber, request: Any) -> Any:
+        with lock:
+            return original(self, request)
+
+    monkeypatch.setattr(BotocoreStubber, "process_request", serialized)
+    with mock_aws():
+        yield
+
+
+_sessions: list[boto3.session.Session] = []
+
+
+def aws_session() -> boto3.session.Session:
+    """One boto3 session for the whole run: a client from it takes milliseconds, where a fresh
+    session (moto resets the default one on every start) spends ~0.2 s loading service models."""
+    if not _sessions:
+        _sessions.append(boto3.session.Session(region_name=REGION))
+    return _sessions[0]
+
+
+@pytest.fixture
+def dynamodb(aws: None) -> Any:
+    """A low-level DynamoDB client on moto (wire format, like the writer and the guard)."""
+    return aws_session().client("dynamodb", region_name=REGION)
+
+
+@pytest.fixture
+def busy_table(dynamodb: Any) -> str:
+    """The busy table on moto (key ``instance_id`` S); returns its name."""
+    dynamodb.create_table(
+        TableName=BUSY_TABLE,
+        KeySchema=[{"AttributeName": "instance_id", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "instance_id", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    return BUSY_TABLE
+
+
+class FakeClock:
+    """A wall clock that moves only when told to: ``clock()`` is epoch seconds, like ``time.time``."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
