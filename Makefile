@@ -45,7 +45,7 @@ pytest: $(STAMP) $(NODE_STAMP)
 synth: $(STAMP) $(NODE_STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" npx --no-install cdk synth --quiet
 
-test: lint typecheck pytest $(if $(wildcard cdk.json),synth)
+test: lint typecheck pytest synth
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench

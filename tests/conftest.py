@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import boto3
 import pytest
+from hypothesis import HealthCheck, settings
 from moto import mock_aws
-from moto.core.botocore_stubber import BotocoreStubber
+
+from busy_guard.sandbox.clock import ManualClock
+from busy_guard.sandbox.world import serialized_moto
+
+# CI shares two cores with whatever else runs: judge properties, not the speed of data generation.
+settings.register_profile("busy-guard", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("busy-guard")
 
 REGION = "us-east-1"
 BUSY_TABLE = "busy_guard.instance_busy"
@@ -31,22 +37,14 @@ def aws_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def aws() -> Iterator[None]:
     """moto for every service, with requests served one at a time.
 
     Real DynamoDB serializes the writes to one item; moto's in-process backend does not and corrupts
     its own state when threads update one item at once. One lock around its request handler gives
     back DynamoDB's semantics without replacing any of moto's behaviour.
     """
-    lock = threading.Lock()
-    original = BotocoreStubber.process_request
-
-    def serialized(self: BotocoreStubber, request: Any) -> Any:
-        with lock:
-            return original(self, request)
-
-    monkeypatch.setattr(BotocoreStubber, "process_request", serialized)
-    with mock_aws():
+    with serialized_moto(), mock_aws():
         yield
 
 
@@ -79,20 +77,7 @@ def busy_table(dynamodb: Any) -> str:
     return BUSY_TABLE
 
 
-class FakeClock:
-    """A wall clock that moves only when told to: ``clock()`` is epoch seconds, like ``time.time``."""
-
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> float:
-        self.now += seconds
-        return self.now
-
-
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    """A wall clock that moves only when told to: ``clock()`` is epoch seconds, like ``time.time``."""
+    return ManualClock(1_800_000_000.0)

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 from botocore.awsrequest import AWSResponse
-from conftest import FakeClock
 
 import busy_guard
 from busy_guard import (
@@ -35,6 +34,7 @@ from busy_guard import (
     writer,
 )
 from busy_guard.decision import Action, DecisionConfig, Reason, decide
+from busy_guard.sandbox.clock import ManualClock
 
 INSTANCE = "i-0123456789abcdef0"
 LOGGER = "busy_guard.writer"
@@ -186,7 +186,7 @@ def test_import_makes_no_network_call() -> None:
 
 
 # --- begin / end / heartbeat: item contents -------------------------------------------------------
-def test_begin_and_end_write_the_documented_item(dynamodb: Any, busy_table: str, clock: FakeClock) -> None:
+def test_begin_and_end_write_the_documented_item(dynamodb: Any, busy_table: str, clock: ManualClock) -> None:
     with instance_busy_sync(
         INSTANCE, busy_guard.OP_KIND_BULK_TABLE_INSERT, table=busy_table, client=dynamodb, clock=clock
     ) as lease:
@@ -224,7 +224,7 @@ def test_begin_and_end_write_the_documented_item(dynamodb: Any, busy_table: str,
 
 
 def test_counter_equals_lease_count_after_every_step(
-    dynamodb: Any, busy_table: str, clock: FakeClock
+    dynamodb: Any, busy_table: str, clock: ManualClock
 ) -> None:
     kinds = ["sec_staging", "bulk_table_create", "a-kind-nobody-planned"]
     handles = []
@@ -240,7 +240,7 @@ def test_counter_equals_lease_count_after_every_step(
         assert handle.lease_id not in {lease.lease_id for lease in state_of(dynamodb, busy_table).leases}
 
 
-def test_async_begin_and_end(dynamodb: Any, busy_table: str, clock: FakeClock) -> None:
+def test_async_begin_and_end(dynamodb: Any, busy_table: str, clock: ManualClock) -> None:
     async def main() -> None:
         lease = await begin_destructive_op(
             INSTANCE, "sec_staging", table=busy_table, client=dynamodb, clock=clock
@@ -539,7 +539,7 @@ def lease_on_item(dynamodb: Any, table: str, lease_id: str) -> schema.Lease | No
     return next((lease for lease in state_of(dynamodb, table).leases if lease.lease_id == lease_id), None)
 
 
-def test_sync_heartbeat_renews_the_lease(dynamodb: Any, busy_table: str, clock: FakeClock) -> None:
+def test_sync_heartbeat_renews_the_lease(dynamodb: Any, busy_table: str, clock: ManualClock) -> None:
     start = clock.now
     with instance_busy_sync(
         INSTANCE, "k", table=busy_table, client=dynamodb, clock=clock, heartbeat_interval=0.05, lease_ttl=1.0
@@ -564,7 +564,7 @@ def test_sync_heartbeat_renews_the_lease(dynamodb: Any, busy_table: str, clock: 
         assert_consistent(dynamodb, busy_table, 1)  # a heartbeat never counts
 
 
-def test_async_heartbeat_renews_the_lease(dynamodb: Any, busy_table: str, clock: FakeClock) -> None:
+def test_async_heartbeat_renews_the_lease(dynamodb: Any, busy_table: str, clock: ManualClock) -> None:
     async def main() -> None:
         async with instance_busy(
             INSTANCE,
@@ -589,7 +589,7 @@ def test_async_heartbeat_renews_the_lease(dynamodb: Any, busy_table: str, clock:
 
 
 def test_a_lease_without_heartbeat_expires_and_the_guard_sees_it_stale(
-    dynamodb: Any, busy_table: str, clock: FakeClock
+    dynamodb: Any, busy_table: str, clock: ManualClock
 ) -> None:
     lease = begin_destructive_op_sync(INSTANCE, "k", table=busy_table, client=dynamodb, clock=clock)
     assert lease is not None
@@ -699,7 +699,7 @@ def test_heartbeat_stops_once_when_an_operator_removed_the_lease(
 
 
 def test_heartbeat_keeps_trying_through_throttling(
-    dynamodb: Any, busy_table: str, clock: FakeClock, caplog: pytest.LogCaptureFixture
+    dynamodb: Any, busy_table: str, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     failed = inject(dynamodb, "ThrottlingException", "Rate exceeded", when=is_heartbeat, times=3)
     with instance_busy_sync(

@@ -13,7 +13,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 if TYPE_CHECKING:
     from mypy_boto3_autoscaling import AutoScalingClient
 
-WAITING_STATES = frozenset({"Terminating:Wait", "Warmed:Terminating:Wait"})
+# Warmed:Pending:Wait is a terminating hook's wait for an instance returning to a warm pool.
+WAITING_STATES = frozenset({"Terminating:Wait", "Warmed:Pending:Wait", "Warmed:Terminating:Wait"})
 NO_ACTIVE_ACTION = "No active Lifecycle Action found"
 # Throttling and ResourceContention are the two Auto Scaling asks callers to retry with backoff.
 RETRYABLE_CODES = frozenset(

@@ -32,7 +32,9 @@ from busy_guard.guard.reconcile import Guard, Outcome, Step, Target, Trigger
 from busy_guard.guard.table import BusyTable
 
 # Short connect/read timeouts: a hung endpoint must cost a retry, not the whole invocation.
-_AWS_CONFIG = Config(connect_timeout=3, read_timeout=10, retries={"mode": "standard", "max_attempts": 3})
+_AWS_CONFIG = Config(
+    connect_timeout=3, read_timeout=10, retries={"mode": "standard", "total_max_attempts": 3}
+)
 
 
 class ReconcileError(RuntimeError):
@@ -124,7 +126,7 @@ def _on_stream(records: list[Any], guard: Guard) -> dict[str, Any]:
     outcomes: list[Outcome] = []
     config = guard.config
     for position, raw in enumerate(records):
-        record_id = raw.get("eventID", str(position)) if isinstance(raw, dict) else str(position)
+        record_id = _sequence_number(raw) or str(position)
         try:
             record = parse_stream_record(raw)
             image = record.dynamodb.NewImage
@@ -146,6 +148,13 @@ def _on_stream(records: list[Any], guard: Guard) -> dict[str, Any]:
             failures.append({"itemIdentifier": record_id})
     _record(outcomes)
     return {"batchItemFailures": failures, **_summary(outcomes)}
+
+
+def _sequence_number(raw: Any) -> str | None:
+    """The identifier Lambda wants back in ``batchItemFailures`` for a DynamoDB stream record."""
+    change = raw.get("dynamodb") if isinstance(raw, dict) else None
+    number = change.get("SequenceNumber") if isinstance(change, dict) else None
+    return number if isinstance(number, str) else None
 
 
 def _record(outcomes: Iterable[Outcome]) -> None:

@@ -1,0 +1,324 @@
+"""A whole busy-guard deployment on moto: the table with its stream, guarded groups with our hook,
+the lifecycle-hook emulator, and the real guard handler, all on one injectable clock.
+
+The guard runs unchanged through ``busy_guard.guard.handler.handler``; the sandbox plays the
+three triggers: it forwards the emulator's EventBridge events, pumps the table's stream through
+the same filter the CDK app installs on the event source, and sends schedule ticks. Used by the
+tests, the benchmarks and ``busy-guard demo``. Import it only where moto is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import boto3
+
+from busy_guard import schema
+from busy_guard.guard import handler as guard_handler
+from busy_guard.guard.config import GuardConfig
+from busy_guard.sandbox.hooks import LifecycleHookEmulator
+
+if TYPE_CHECKING:
+    from mypy_boto3_autoscaling import AutoScalingClient
+    from mypy_boto3_dynamodb import DynamoDBClient
+    from mypy_boto3_dynamodbstreams import DynamoDBStreamsClient
+    from mypy_boto3_ec2 import EC2Client
+
+REGION = "us-east-1"
+ACCOUNT = "123456789012"
+TABLE = "busy_guard.instance_busy"
+HOOK = "busy-guard"
+MOTO_EXAMPLE_AMI = "ami-12c6146b"
+# Local runs never talk to AWS: fake credentials, and Powertools without an X-Ray daemon.
+_SANDBOX_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": REGION,
+    "AWS_REGION": REGION,
+    "POWERTOOLS_TRACE_DISABLED": "true",
+    # moto's default AMI catalogue costs seconds to load and serialize; one example AMI is enough.
+    "MOTO_EC2_LOAD_DEFAULT_AMIS": "false",
+    "POWERTOOLS_SERVICE_NAME": "busy-guard",
+    "POWERTOOLS_METRICS_NAMESPACE": "BusyGuard",
+}
+
+
+@dataclass
+class LambdaContext:
+    """The fields Powertools reads from a Lambda context."""
+
+    function_name: str = "busy-guard-sandbox"
+    function_version: str = "$LATEST"
+    memory_limit_in_mb: int = 512
+    invoked_function_arn: str = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:busy-guard-sandbox"
+    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 60_000
+
+
+@dataclass(frozen=True)
+class SandboxSettings:
+    groups: Mapping[str, int] = field(default_factory=lambda: {"graph-db": 3})
+    heartbeat_timeout: int = 900
+    default_result: str = "CONTINUE"
+    max_wait: float = 12 * 3600
+    max_wait_result: str = "CONTINUE"
+    extra_hooks: tuple[str, ...] = ()  # other terminating hooks on every group (not ours)
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def guard_env(self) -> dict[str, str]:
+        return {
+            "BUSY_GUARD_TABLE": TABLE,
+            "BUSY_GUARD_ASG_NAMES": ",".join(self.groups),
+            "BUSY_GUARD_HOOK_NAME": HOOK,
+            "BUSY_GUARD_HEARTBEAT_TIMEOUT_SECONDS": str(self.heartbeat_timeout),
+            "BUSY_GUARD_MAX_WAIT_SECONDS": str(self.max_wait),
+            "BUSY_GUARD_MAX_WAIT_RESULT": self.max_wait_result,
+            **self.env,
+        }
+
+
+class Sandbox:
+    """Build with :meth:`start` (a context manager that owns moto and the environment)."""
+
+    def __init__(self, settings: SandboxSettings, clock: Callable[[], float]) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.session = boto3.Session(region_name=REGION)
+        self.dynamodb: DynamoDBClient = self.session.client("dynamodb")
+        # botocore now routes ARN calls to an account endpoint moto doesn't serve: pin the classic one.
+        self.streams: DynamoDBStreamsClient = self.session.client(
+            "dynamodbstreams", endpoint_url=f"https://streams.dynamodb.{REGION}.amazonaws.com"
+        )
+        self.autoscaling: AutoScalingClient = self.session.client("autoscaling")
+        self.ec2: EC2Client = self.session.client("ec2")
+        self.emulator = LifecycleHookEmulator(self.autoscaling, clock=clock, ec2=self.ec2, account_id=ACCOUNT)
+        self.emulator.attach(self.autoscaling)
+        self.table_name = TABLE
+        self._create_table()
+        self._create_groups()
+        self.guard = guard_handler.build_guard(
+            config=GuardConfig.from_env(settings.guard_env()), session=self.session, clock=clock
+        )
+        self.emulator.attach(self.guard.hooks.client)
+        guard_handler.use_guard(self.guard)
+        self._shard_iterators: dict[str, str] = {}
+        self._stream_arn = self.dynamodb.describe_table(TableName=TABLE)["Table"]["LatestStreamArn"]
+        self.invocations: list[tuple[str, dict[str, Any]]] = []
+
+    @classmethod
+    @contextmanager
+    def start(
+        cls, settings: SandboxSettings | None = None, *, clock: Callable[[], float]
+    ) -> Iterator[Sandbox]:
+        from moto import mock_aws  # noqa: PLC0415 - sandbox-only dependency
+
+        settings = settings or SandboxSettings()
+        with ExitStack() as stack:
+            stack.enter_context(_environment({**_SANDBOX_ENV, **settings.guard_env()}))
+            stack.enter_context(serialized_moto())
+            stack.enter_context(mock_aws())
+            sandbox = cls(settings, clock)
+            try:
+                yield sandbox
+            finally:
+                guard_handler.use_guard(None)
+
+    # --- the world ---------------------------------------------------------------------------------
+    def instances(self, group: str) -> list[str]:
+        groups = self.autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[group])
+        return sorted(i["InstanceId"] for g in groups["AutoScalingGroups"] for i in g.get("Instances", []))
+
+    def item(self, instance_id: str) -> schema.BusyState:
+        response = self.dynamodb.get_item(TableName=TABLE, Key=schema.key(instance_id), ConsistentRead=True)
+        raw: Any = response.get("Item")
+        return schema.parse_item(raw, instance_id)
+
+    @property
+    def guard_config(self) -> GuardConfig:
+        return self.guard.config
+
+    # --- the three triggers --------------------------------------------------------------------------
+    def invoke(self, event: Any, kind: str = "event") -> dict[str, Any]:
+        """One invocation of the real handler, as Lambda would make it."""
+        self.invocations.append((kind, event))
+        result: dict[str, Any] = guard_handler.handler(event, LambdaContext())
+        return result
+
+    def terminate(
+        self, instance_id: str, *, destination: str = "EC2", deliver: bool = True
+    ) -> list[dict[str, Any]]:
+        """Start a termination; deliver the lifecycle events to the guard (as the rule would)."""
+        events = self.emulator.terminate(instance_id, destination=destination)
+        if deliver:
+            for event in events:
+                if event["detail"]["LifecycleHookName"] == HOOK:
+                    self.invoke(event, "event")
+        return events
+
+    def tick(self) -> dict[str, Any]:
+        """One schedule tick (and the hook timeouts due by now)."""
+        self.emulator.apply_timeouts()
+        return self.invoke(scheduled_event(self.clock()), "schedule")
+
+    def pump_stream(self) -> dict[str, Any] | None:
+        """Deliver the stream records written since the last pump that pass the event-source
+        filter, in one batch, as the DynamoDB event source would."""
+        records = [r for r in self._new_stream_records() if matches(schema.stream_filter_pattern(), r)]
+        if not records:
+            return None
+        return self.invoke({"Records": records}, "stream")
+
+    def _new_stream_records(self) -> list[dict[str, Any]]:
+        shards = self.streams.describe_stream(StreamArn=self._stream_arn)["StreamDescription"]["Shards"]
+        records: list[dict[str, Any]] = []
+        for shard in shards:
+            shard_id = shard["ShardId"]
+            iterator = (
+                self._shard_iterators.get(shard_id)
+                or self.streams.get_shard_iterator(
+                    StreamArn=self._stream_arn, ShardId=shard_id, ShardIteratorType="TRIM_HORIZON"
+                )["ShardIterator"]
+            )
+            page = self.streams.get_records(ShardIterator=iterator)
+            records.extend(_as_lambda_record(r, self._stream_arn) for r in page["Records"])
+            self._shard_iterators[shard_id] = page["NextShardIterator"]
+        return records
+
+    # --- setup ---------------------------------------------------------------------------------------
+    def _create_table(self) -> None:
+        self.dynamodb.create_table(
+            TableName=TABLE,
+            KeySchema=[{"AttributeName": schema.INSTANCE_ID, "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": schema.INSTANCE_ID, "AttributeType": "S"}],
+            BillingMode="PAY_PER_REQUEST",
+            StreamSpecification={"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"},
+        )
+
+    def _create_groups(self) -> None:
+        image_id = MOTO_EXAMPLE_AMI
+        self.ec2.create_launch_template(
+            LaunchTemplateName="busy-guard-sandbox",
+            LaunchTemplateData={"ImageId": image_id, "InstanceType": "t3.micro"},
+        )
+        for group, size in self.settings.groups.items():
+            self.autoscaling.create_auto_scaling_group(
+                AutoScalingGroupName=group,
+                LaunchTemplate={"LaunchTemplateName": "busy-guard-sandbox", "Version": "$Latest"},
+                MinSize=0,
+                MaxSize=max(size, 1) * 2,
+                DesiredCapacity=size,
+                AvailabilityZones=[f"{REGION}a"],
+            )
+            for hook in (HOOK, *self.settings.extra_hooks):
+                self.autoscaling.put_lifecycle_hook(
+                    AutoScalingGroupName=group,
+                    LifecycleHookName=hook,
+                    LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
+                    HeartbeatTimeout=self.settings.heartbeat_timeout,
+                    DefaultResult=self.settings.default_result,
+                )
+
+
+def scheduled_event(now: float) -> dict[str, Any]:
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": ACCOUNT,
+        "time": datetime.fromtimestamp(now, tz=UTC).isoformat().replace("+00:00", "Z"),
+        "region": REGION,
+        "resources": [f"arn:aws:events:{REGION}:{ACCOUNT}:rule/busy-guard-reconcile"],
+        "detail": {},
+    }
+
+
+def _as_lambda_record(record: Mapping[str, Any], stream_arn: str) -> dict[str, Any]:
+    """A DynamoDB Streams record in the shape the Lambda event source delivers it."""
+    delivered = dict(record)
+    delivered["eventSourceARN"] = stream_arn
+    dynamodb = dict(delivered.get("dynamodb", {}))
+    created = dynamodb.get("ApproximateCreationDateTime")
+    if isinstance(created, datetime):
+        dynamodb["ApproximateCreationDateTime"] = created.timestamp()
+    delivered["dynamodb"] = dynamodb
+    return delivered
+
+
+# --- the event-source filter, as Lambda evaluates it (the subset the stack uses) ---------------------
+def matches(pattern: Mapping[str, Any], event: Any) -> bool:
+    """EventBridge-style pattern matching: nested maps, value lists, ``exists``, ``anything-but``,
+    ``prefix``. Enough to run the stack's own filter against real stream records."""
+    if not isinstance(event, Mapping):
+        return False
+    for key, expected in pattern.items():
+        if isinstance(expected, Mapping):
+            if not matches(expected, event.get(key)):
+                return False
+        elif not any(_match_value(rule, key, event) for rule in expected):
+            return False
+    return True
+
+
+def _match_value(rule: Any, key: str, event: Mapping[str, Any]) -> bool:
+    present = key in event and not isinstance(event[key], Mapping | list)
+    value = event.get(key)
+    if isinstance(rule, Mapping):
+        if "exists" in rule:
+            return bool(rule["exists"]) == (key in event)
+        if "anything-but" in rule:
+            excluded = rule["anything-but"]
+            excluded = excluded if isinstance(excluded, list) else [excluded]
+            return present and value not in excluded
+        if "prefix" in rule:
+            return present and isinstance(value, str) and value.startswith(rule["prefix"])
+        raise ValueError(f"unsupported filter rule: {rule}")
+    return present and value == rule
+
+
+@contextmanager
+def serialized_moto() -> Iterator[None]:
+    """Serve moto's requests one at a time.
+
+    Real DynamoDB serializes the writes to one item; moto's in-process backend does not and corrupts
+    its own state when threads update one item at once (the tick's workers, the writer's heartbeat
+    threads). One lock around its request handler gives back DynamoDB's semantics.
+    """
+    from moto.core.botocore_stubber import BotocoreStubber  # noqa: PLC0415 - sandbox-only dependency
+
+    lock = threading.RLock()
+    original = BotocoreStubber.process_request
+
+    def serialized(self: BotocoreStubber, request: Any) -> Any:
+        with lock:
+            return original(self, request)
+
+    BotocoreStubber.process_request = serialized  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        BotocoreStubber.process_request = original  # type: ignore[method-assign]
+
+
+@contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old

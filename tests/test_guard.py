@@ -1,0 +1,410 @@
+"""The guard through its real handler entry, on moto plus the lifecycle-hook emulator.
+
+Every scenario drives the three triggers the way AWS would (the rule's event, the filtered table
+stream, the schedule) and asserts what an on-call engineer would check: did the hook complete,
+when, with which result, and what the item says.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from busy_guard import schema
+from busy_guard.guard.handler import ReconcileError
+from busy_guard.guard.observability import logger
+from busy_guard.sandbox.clock import ManualClock
+from busy_guard.sandbox.world import Sandbox, SandboxSettings
+from busy_guard.writer import begin_destructive_op_sync, end_destructive_op_sync
+
+START = 1_800_000_000.0
+GROUP = "graph-db"
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(START)
+
+
+@pytest.fixture
+def sandbox(clock: ManualClock) -> Iterator[Sandbox]:
+    with Sandbox.start(clock=clock) as world:
+        yield world
+
+
+def begin(sb: Sandbox, instance_id: str, kind: str = "bulk_table_insert", **kwargs: Any) -> Any:
+    """A real writer lease; heartbeats are driven by the test, not by a thread."""
+    lease_ttl = kwargs.pop("lease_ttl", 180)
+    lease = begin_destructive_op_sync(
+        instance_id,
+        kind,
+        table=sb.table_name,
+        client=sb.dynamodb,
+        clock=sb.clock,
+        heartbeat_interval=lease_ttl - 1,  # real seconds: never fires during a test
+        lease_ttl=lease_ttl,
+        **kwargs,
+    )
+    assert lease is not None
+    return lease
+
+
+def end(lease: Any) -> None:
+    end_destructive_op_sync(lease.instance_id, lease)
+
+
+def run_ticks(sb: Sandbox, clock: ManualClock, seconds: float, every: float = 300) -> None:
+    """Schedule ticks over ``seconds``; every 5 minutes keeps a 15-minute hook alive."""
+    elapsed = 0.0
+    while elapsed < seconds:
+        step = min(every, seconds - elapsed)
+        clock.advance(step)
+        elapsed += step
+        sb.tick()
+
+
+def completions(sb: Sandbox, instance_id: str) -> list[tuple[str, str]]:
+    return [(c.result, c.by) for c in sb.emulator.completions(instance_id)]
+
+
+class AwsCalls:
+    """Counts the guard's own AWS calls, by operation, through botocore's event system."""
+
+    def __init__(self, sb: Sandbox) -> None:
+        self.counts: Counter[str] = Counter()
+        for client in (sb.guard.table.client, sb.guard.hooks.client):
+            client.meta.events.register("before-call.*.*", self._count)
+
+    def _count(self, model: Any, **_: Any) -> None:
+        self.counts[model.name] += 1
+
+    def take(self) -> Counter[str]:
+        taken, self.counts = self.counts, Counter()
+        return taken
+
+
+# --- the decision table, end to end ------------------------------------------------------------------
+def test_idle_instance_is_released_at_once(sandbox: Sandbox) -> None:
+    instance = sandbox.instances(GROUP)[0]
+    sandbox.terminate(instance)
+    assert completions(sandbox, instance) == [("CONTINUE", "guard")]
+    assert sandbox.emulator.state(instance) == "Terminated"
+    item = sandbox.item(instance)
+    assert item.released is not None and item.released.reason == "idle"
+    assert item.draining is None
+    assert item.expires_at == START + sandbox.guard_config.released_ttl  # the item cleans itself up
+
+
+def test_busy_instance_waits_then_is_released_by_the_stream(sandbox: Sandbox, clock: ManualClock) -> None:
+    instance = sandbox.instances(GROUP)[0]
+    lease = begin(sandbox, instance)
+    sandbox.terminate(instance)
+    assert sandbox.emulator.state(instance) == "Terminating:Wait"
+    assert sandbox.item(instance).draining is not None
+
+    for _ in range(3):  # the work goes on; the schedule keeps the hook alive
+        clock.advance(60)
+        lease.heartbeat_now() if hasattr(lease, "heartbeat_now") else _renew(sandbox, lease)
+        sandbox.tick()
+    assert sandbox.emulator.heartbeats(instance) == 3
+    assert completions(sandbox, instance) == []
+
+    end(lease)
+    result = sandbox.pump_stream()  # the last lease just ended: the filtered stream wakes the guard
+    assert result is not None and result["outcomes"][0]["step"] == "completed"
+    assert completions(sandbox, instance) == [("CONTINUE", "guard")]
+    released = sandbox.item(instance).released
+    assert released is not None and released.reason == "idle"
+
+
+def test_busy_instance_is_released_by_the_next_tick_without_the_stream(
+    sandbox: Sandbox, clock: ManualClock
+) -> None:
+    instance = sandbox.instances(GROUP)[0]
+    lease = begin(sandbox, instance)
+    sandbox.terminate(instance)
+    end(lease)  # stream record lost: never pumped
+    assert completions(sandbox, instance) == []
+    clock.advance(60)
+    sandbox.tick()
+    assert completions(sandbox, instance) == [("CONTINUE", "guard")]
+
+
+def test_crashed_writer_is_released_after_lease_expiry_as_stale(sandbox: Sandbox, clock: ManualClock) -> None:
+    instance = sandbox.instances(GROUP)[0]
+    begin(sandbox, instance, lease_ttl=180)  # the process dies: no heartbeat, no end
+    sandbox.terminate(instance)
+    clock.advance(180)  # expired, but inside the 30 s clock-skew allowance
+    sandbox.tick()
+    assert completions(sandbox, instance) == []
+    clock.advance(31)
+    sandbox.tick()
+    assert completions(sandbox, instance) == [("CONTINUE", "guard")]
+    released = sandbox.item(instance).released
+    assert released is not None and released.reason == "stale"
+
+
+def test_legacy_counter_item_waits_until_the_stale_window(sandbox: Sandbox, clock: ManualClock) -> None:
+    instance = sandbox.instances(GROUP)[0]
+    sandbox.dynamodb.put_item(
+        TableName=sandbox.table_name,
+        Item={
+            schema.INSTANCE_ID: {"S": instance},
+            schema.COUNTER: {"N": "2"},
+            schema.LAST_OP_AT: {"S": schema.iso(START - 3600)},
+        },
+    )
+    sandbox.terminate(instance)
+    run_ticks(sandbox, clock, 4 * 3600)
+    assert completions(sandbox, instance) == []
+    run_ticks(sandbox, clock, 3600 + 60)  # newest marker now older than 6 h
+    assert completions(sandbox, instance) == [("CONTINUE", "guard")]
+    assert sandbox.item(instance).released.reason == "stale"  # type: ignore[union-attr]
+
+
+def test_legacy_negative_counter_is_idle(sandbox: Sandbox) -> None:
+    instance = sandbox.instances(GROUP)[0]
+    sandbox.dynamodb.put_item(
+        TableName=sandbox.table_name,
+        Item={schema.INSTANCE_ID: {"S": instance}, schema.COUNTER: {"N": "-2"}},
+    )
+    sandbox.terminate(instance)
+    assert completions(sandbox, instance) == [("CONTINUE", "guard")]
+
+
+def test_legacy_active_leases_item(sandbox: Sandbox, clock: ManualClock) -> None:
+    instance = sandbox.instances(GROUP)[0]
+    sandbox.dynamodb.put_item(
+        TableName=sandbox.table_name,
+        Item={
+            schema.INSTANCE_ID: {"S": instance},
+            schema.LEGACY_LEASES: {"SS": [f"{schema.iso(START - 60)}|sec_staging|abc"]},
+        },
+    )
+    sandbox.terminate(instance)
+    clock.advance(60)
+    sandbox.tick()
+    assert completions(sandbox, instance) == []
+    assert sandbox.emulator.heartbeats(instance) == 1
+    run_ticks(sandbox, clock, 6 * 3600)
+    assert completions(sandbox, instance) == [("CONTINUE", "guard")]
+
+
+@pytest.mark.parametrize("result", ["CONTINUE", "ABANDON"])
+def test_max_wait_releases_live_work(clock: ManualClock, result: str) -> None:
+    settings = SandboxSettings(max_wait=3600, heartbeat_timeout=900, max_wait_result=result)
+    with Sandbox.start(settings, clock=clock) as sb:
+        instance = sb.instances(GROUP)[0]
+        lease = begin(sb, instance, lease_ttl=10 * 3600)
+        sb.terminate(instance)
+        run_ticks(sb, clock, 3600 - 60)
+        assert completions(sb, instance) == []
+        clock.advance(60)
+        sb.tick()
+        assert completions(sb, instance) == [(result, "guard")]
+        assert sb.item(instance).released.reason == "max_wait_exceeded"  # type: ignore[union-attr]
+        del lease
+
+
+def test_dynamodb_errors_hold_the_instance_and_heal_on_the_next_tick(
+    sandbox: Sandbox, clock: ManualClock
+) -> None:
+    instance = sandbox.instances(GROUP)[0]
+    failing = {"on": True}
+
+    def deny(**_: Any) -> Any:
+        if not failing["on"]:
+            return None
+        error = {"Error": {"Code": "AccessDeniedException", "Message": "not authorized"}}
+        return _http(400), error
+
+    sandbox.guard.table.client.meta.events.register("before-call.dynamodb.*", deny)
+    sandbox.terminate(instance)  # idle, but the guard can't prove it
+    for _ in range(3):
+        clock.advance(60)
+        with pytest.raises(ReconcileError, match="Scan failed: AccessDeniedException"):
+            sandbox.tick()  # the tick holds the instance, and fails loudly for the Errors alarm
+    assert completions(sandbox, instance) == []  # never CONTINUE early
+    assert sandbox.emulator.heartbeats(instance) >= 3
+    failing["on"] = False
+    clock.advance(60)
+    sandbox.tick()
+    assert completions(sandbox, instance) == [("CONTINUE", "guard")]
+
+
+def test_duplicate_and_late_events_make_no_second_completion(sandbox: Sandbox, clock: ManualClock) -> None:
+    instance = sandbox.instances(GROUP)[0]
+    [event] = sandbox.terminate(instance)
+    calls = AwsCalls(sandbox)
+    clock.advance(5)
+    result = sandbox.invoke(event)  # EventBridge delivers at least once
+    assert result["outcomes"][0]["step"] == "already_done"
+    assert calls.take() == Counter({"UpdateItem": 1})  # no second CompleteLifecycleAction at all
+    sandbox.invoke(json.loads(json.dumps(event)))
+    assert completions(sandbox, instance) == [("CONTINUE", "guard")]
+    assert sandbox.emulator.calls("CompleteLifecycleAction").accepted == 1
+
+
+def test_concurrent_triggers_complete_once(sandbox: Sandbox, clock: ManualClock) -> None:
+    instance = sandbox.instances(GROUP)[0]
+    lease = begin(sandbox, instance)
+    [event] = sandbox.terminate(instance)
+    end(lease)
+    clock.advance(1)
+    calls = AwsCalls(sandbox)
+    barrier = threading.Barrier(3)
+    errors: list[BaseException] = []
+
+    def trigger(action: Any) -> None:
+        barrier.wait()
+        try:
+            action()
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [
+        threading.Thread(target=trigger, args=(lambda: sandbox.invoke(event),)),
+        threading.Thread(target=trigger, args=(sandbox.pump_stream,)),
+        threading.Thread(target=trigger, args=(sandbox.tick,)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert completions(sandbox, instance) == [("CONTINUE", "guard")]
+    # The release is a claim: only its winner calls CompleteLifecycleAction.
+    assert calls.take()["CompleteLifecycleAction"] == 1
+
+
+# --- calls per decision ---------------------------------------------------------------------------
+def test_calls_per_decision(sandbox: Sandbox, clock: ManualClock) -> None:
+    idle, busy = sandbox.instances(GROUP)[:2]
+    calls = AwsCalls(sandbox)
+    sandbox.terminate(idle)
+    idle_calls = calls.take()
+    assert sum(idle_calls.values()) <= 2, idle_calls
+    assert idle_calls["CompleteLifecycleAction"] == 1
+
+    lease = begin(sandbox, busy)
+    sandbox.terminate(busy)
+    first_look = calls.take()
+    assert sum(first_look.values()) <= 2, first_look
+
+    clock.advance(60)
+    sandbox.tick()
+    tick = calls.take()
+    # Listing (1 describe page + 1 scan) plus the busy check itself: one heartbeat.
+    assert tick["RecordLifecycleActionHeartbeat"] == 1
+    assert tick["UpdateItem"] == 0 and tick["GetItem"] == 0
+    assert sum(tick.values()) - tick["DescribeAutoScalingGroups"] - tick["Scan"] <= 2, tick
+
+    end(lease)
+    sandbox.pump_stream()
+    released = calls.take()
+    assert released == Counter({"UpdateItem": 1, "CompleteLifecycleAction": 1})
+
+
+# --- edge cases -------------------------------------------------------------------------------------
+def test_lost_event_is_adopted_by_the_schedule(sandbox: Sandbox, clock: ManualClock) -> None:
+    instance = sandbox.instances(GROUP)[0]
+    sandbox.terminate(instance, deliver=False)
+    clock.advance(60)
+    sandbox.tick()
+    assert completions(sandbox, instance) == [("CONTINUE", "guard")]
+
+
+def test_new_work_is_refused_while_draining(sandbox: Sandbox) -> None:
+    from busy_guard.writer import InstanceDrainingError
+
+    instance = sandbox.instances(GROUP)[0]
+    lease = begin(sandbox, instance)
+    sandbox.terminate(instance)
+    with pytest.raises(InstanceDrainingError):
+        begin(sandbox, instance)
+    end(lease)
+
+
+def test_another_hooks_wait_is_skipped_after_ours_completes(clock: ManualClock) -> None:
+    settings = SandboxSettings(extra_hooks=("someone-elses-hook",))
+    with Sandbox.start(settings, clock=clock) as sb:
+        instance = sb.instances(GROUP)[0]
+        sb.terminate(instance)
+        assert completions(sb, instance) == [("CONTINUE", "guard")]
+        assert sb.emulator.state(instance) == "Terminating:Wait"  # the other hook still holds it
+        calls = AwsCalls(sb)
+        for _ in range(5):
+            clock.advance(60)
+            sb.tick()
+        taken = calls.take()
+        # At most a few bounded retries, then the instance is left to the other hook.
+        assert taken["CompleteLifecycleAction"] <= 3
+        clock.advance(60)
+        sb.tick()
+        assert calls.take()["CompleteLifecycleAction"] == 0
+
+
+def test_instance_gone_from_the_group_is_marked_released(sandbox: Sandbox, clock: ManualClock) -> None:
+    instance = sandbox.instances(GROUP)[0]
+    begin(sandbox, instance, lease_ttl=10 * 3600)
+    sandbox.terminate(instance)
+    # Someone completes our hook behind the guard's back (an operator with the CLI of another tool).
+    sandbox.autoscaling.complete_lifecycle_action(
+        AutoScalingGroupName=GROUP,
+        LifecycleHookName="busy-guard",
+        InstanceId=instance,
+        LifecycleActionResult="CONTINUE",
+    )
+    clock.advance(3 * 60)
+    sandbox.tick()
+    item = sandbox.item(instance)
+    assert item.draining is None
+    assert item.released is not None and item.released.reason == "gone"
+    assert item.expires_at is not None
+
+
+def test_malformed_stream_record_never_loses_the_valid_one(sandbox: Sandbox, clock: ManualClock) -> None:
+    instance = sandbox.instances(GROUP)[0]
+    lease = begin(sandbox, instance)
+    sandbox.terminate(instance)
+    end(lease)
+    clock.advance(1)
+    good = sandbox._new_stream_records()[-1]
+    result = sandbox.invoke({"Records": [{"dynamodb": "garbage"}, 42, good]}, "stream")
+    assert result["batchItemFailures"] == []
+    assert [o["step"] for o in result["outcomes"]] == ["completed"]
+
+
+def test_every_log_line_names_the_instance_and_group(
+    sandbox: Sandbox, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr(logger.registered_handler, "stream", stream)
+    instance = sandbox.instances(GROUP)[0]
+    sandbox.terminate(instance)
+    logs = [json.loads(line) for line in stream.getvalue().splitlines()]
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    decisions = [line for line in logs if line.get("step")]
+    assert decisions, logs
+    assert all(line["instance_id"] == instance and line["asg"] == GROUP for line in decisions)
+    metrics = [line for line in lines if "_aws" in line]
+    completed = [m for m in metrics if "LifecycleActionsCompleted" in m]
+    assert completed and completed[0]["reason"] == "idle"
+    assert any("HookWaitSeconds" in m for m in metrics)
+
+
+def _renew(sb: Sandbox, lease: Any) -> None:
+    request = schema.heartbeat_update(lease.lease_id, now=sb.clock(), expires_at=sb.clock() + 180)
+    sb.dynamodb.update_item(TableName=sb.table_name, Key=schema.key(lease.instance_id), **request)
+
+
+def _http(status: int) -> Any:
+    from botocore.awsrequest import AWSResponse
+
+    return AWSResponse("https://dynamodb.us-east-1.amazonaws.com/", status, {}, None)
