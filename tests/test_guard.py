@@ -408,3 +408,32 @@ def _http(status: int) -> Any:
     from botocore.awsrequest import AWSResponse
 
     return AWSResponse("https://dynamodb.us-east-1.amazonaws.com/", status, {}, None)
+
+
+def test_warm_pool_return_is_guarded_and_the_instance_works_again(
+    sandbox: Sandbox, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from busy_guard import identity
+
+    instance = sandbox.instances(GROUP)[0]
+    lease = begin(sandbox, instance, lease_ttl=3600)
+    sandbox.terminate(instance, destination="WarmPool")
+    assert sandbox.emulator.state(instance) == "Warmed:Pending:Wait"
+    run_ticks(sandbox, clock, 600)
+    assert completions(sandbox, instance) == []
+    assert sandbox.emulator.heartbeats(instance) >= 2  # held, not mistaken for gone
+    end(lease)
+    sandbox.pump_stream()
+    assert completions(sandbox, instance) == [("CONTINUE", "guard")]
+
+    clock.advance(3600)
+    sandbox.emulator.relaunch(instance)  # same id, a new boot
+    monkeypatch.setattr(identity, "boot_time", lambda: clock() - 5)
+    second = begin(sandbox, instance)  # the old release mark does not refuse work after a reboot
+    item = sandbox.item(instance)
+    assert item.released is None and item.expires_at is None  # TTL can't delete a live instance
+    sandbox.terminate(instance)
+    item = sandbox.item(instance)
+    assert item.draining is not None and item.draining.since == clock()  # a fresh wait
+    assert len(completions(sandbox, instance)) == 1
+    end(second)

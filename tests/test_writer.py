@@ -895,11 +895,12 @@ class _Imds(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.requests.append("GET " + self.path)
-        ok = (
-            self.path == "/latest/meta-data/instance-id"
-            and self.headers.get("X-aws-ec2-metadata-token") == "TOKEN"
-        )
-        self._answer(200 if ok else 401, b"i-0feedfacecafe0001")
+        answers = {
+            "/latest/meta-data/instance-id": b"i-0feedfacecafe0001",
+            "/latest/meta-data/placement/region": b"eu-west-3",
+        }
+        ok = self.path in answers and self.headers.get("X-aws-ec2-metadata-token") == "TOKEN"
+        self._answer(200 if ok else 401, answers.get(self.path, b""))
 
     def _answer(self, status: int, body: bytes) -> None:
         self.send_response(status)
@@ -941,6 +942,21 @@ def test_instance_id_precedence(monkeypatch: pytest.MonkeyPatch, imds: list[str]
 def test_imds_is_used_by_the_writer(dynamodb: Any, busy_table: str, imds: list[str]) -> None:
     with instance_busy_sync(None, "k", table=busy_table, client=dynamodb) as lease:
         assert lease is not None and lease.instance_id == "i-0feedfacecafe0001"
+
+
+def test_region_comes_from_imds_when_nothing_else_sets_it(
+    monkeypatch: pytest.MonkeyPatch, imds: list[str]
+) -> None:
+    # boto3 never asks IMDS for the region: without this, an instance with no AWS_REGION and no
+    # config file would run every operation unprotected (NoRegionError).
+    monkeypatch.delenv("AWS_REGION")
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    writer.reset_caches()
+    client = writer._shared_client(None)
+    assert client.meta.region_name == "eu-west-3"
+    assert imds == ["PUT /latest/api/token", "GET /latest/meta-data/placement/region"]
+    writer.reset_caches()
 
 
 def test_imds_unreachable_is_quick_and_remembered(monkeypatch: pytest.MonkeyPatch) -> None:

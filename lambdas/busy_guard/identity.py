@@ -28,6 +28,7 @@ _TOKEN_TTL_SECONDS = "21600"  # noqa: S105 - a lifetime in seconds, not a secret
 
 _lock = threading.Lock()
 _imds_id: str | None = None
+_imds_region: str | None = None
 _imds_failed_at: float | None = None
 _boot_time: float | None = None
 
@@ -65,6 +66,32 @@ def imds_instance_id() -> str:
 
 
 def _fetch_instance_id() -> str:
+    instance_id = _imds_get("meta-data/instance-id")
+    if not instance_id:
+        raise ValueError("IMDS returned an empty instance id")
+    return instance_id
+
+
+def imds_region() -> str | None:
+    """This instance's region from IMDSv2 (``placement/region``), cached; None off EC2.
+
+    boto3 does not read the region from IMDS, so an instance without ``AWS_REGION`` or a config
+    file would otherwise fail every call with NoRegionError."""
+    global _imds_region  # noqa: PLW0603 - a process-wide cache is the point
+    if os.environ.get(ENV_IMDS_DISABLED, "").strip().lower() == "true":
+        return None
+    with _lock:
+        if _imds_region is None:
+            try:
+                _imds_region = _imds_get("meta-data/placement/region")
+            except (OSError, ValueError) as err:
+                logger.warning("busy_guard: no region configured and none from IMDS (%s)", err)
+                _imds_region = ""
+        return _imds_region or None
+
+
+def _imds_get(path: str) -> str:
+    """One IMDSv2 read: a session token (PUT), then the path."""
     endpoint = os.environ.get(ENV_IMDS_ENDPOINT, "").strip() or DEFAULT_IMDS_ENDPOINT
     if not endpoint.startswith(("http://", "https://")):
         raise ValueError(f"{ENV_IMDS_ENDPOINT} must be an http(s) URL")
@@ -79,14 +106,11 @@ def _fetch_instance_id() -> str:
     )
     with opener.open(token_request, timeout=IMDS_TIMEOUT) as response:
         token = bytes(response.read()).decode("ascii").strip()
-    id_request = urllib.request.Request(  # noqa: S310
-        f"{base}/latest/meta-data/instance-id", headers={"X-aws-ec2-metadata-token": token}
+    request = urllib.request.Request(  # noqa: S310
+        f"{base}/latest/{path}", headers={"X-aws-ec2-metadata-token": token}
     )
-    with opener.open(id_request, timeout=IMDS_TIMEOUT) as response:
-        instance_id = bytes(response.read()).decode("ascii").strip()
-    if not instance_id:
-        raise ValueError("IMDS returned an empty instance id")
-    return instance_id
+    with opener.open(request, timeout=IMDS_TIMEOUT) as response:
+        return bytes(response.read()).decode("ascii").strip()
 
 
 def boot_time() -> float:
@@ -112,9 +136,10 @@ def _read_boot_time() -> float:
 
 
 def reset_caches() -> None:
-    """Forget the cached instance id and boot time (tests)."""
-    global _imds_id, _imds_failed_at, _boot_time  # noqa: PLW0603
+    """Forget the cached instance id, region and boot time (tests)."""
+    global _imds_id, _imds_failed_at, _boot_time, _imds_region  # noqa: PLW0603
     with _lock:
+        _imds_region = None
         _imds_id = None
         _imds_failed_at = None
         _boot_time = None

@@ -144,6 +144,8 @@ def _shared_client(endpoint_url: str | None) -> DynamoDBClient:
             # One private session, used under the lock (sessions are not thread-safe): later
             # clients reuse its loaded service models instead of parsing them again.
             _session = _session or boto3.session.Session()
+            if region is None and _session.region_name is None and endpoint_url is None:
+                region = identity.imds_region()  # on EC2 with no region configured anywhere
             client = _session.client(
                 "dynamodb", region_name=region, endpoint_url=endpoint_url, config=CLIENT_CONFIG
             )

@@ -6,15 +6,18 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 if TYPE_CHECKING:
     from mypy_boto3_autoscaling import AutoScalingClient
 
-# Warmed:Pending:Wait is a terminating hook's wait for an instance returning to a warm pool.
-WAITING_STATES = frozenset({"Terminating:Wait", "Warmed:Pending:Wait", "Warmed:Terminating:Wait"})
+# Waits a terminating hook of ours can be behind. Warmed:Pending:Wait is also where a *launch* hook
+# holds a new warm-pool instance, so the tick only adopts it when our event already marked it.
+ADOPTABLE_STATES = frozenset({"Terminating:Wait", "Warmed:Terminating:Wait"})
+WARM_POOL_RETURN_STATE = "Warmed:Pending:Wait"
+WAITING_STATES = ADOPTABLE_STATES | {WARM_POOL_RETURN_STATE}
 NO_ACTIVE_ACTION = "No active Lifecycle Action found"
 # Throttling and ResourceContention are the two Auto Scaling asks callers to retry with backoff.
 RETRYABLE_CODES = frozenset(
@@ -30,6 +33,16 @@ RETRYABLE_CODES = frozenset(
 )
 DESCRIBE_PAGE = 50  # DescribeAutoScalingGroups accepts at most 50 names a call
 T = TypeVar("T")
+
+
+class WaitingInstance(NamedTuple):
+    asg: str
+    lifecycle_state: str
+
+    @property
+    def adoptable(self) -> bool:
+        """Certainly a terminating wait: the tick may adopt it without an event."""
+        return self.lifecycle_state in ADOPTABLE_STATES
 
 
 class HookResult(StrEnum):
@@ -76,21 +89,24 @@ class LifecycleHooks:
             ),
         )
 
-    def waiting_instances(self, asg_names: Iterable[str]) -> dict[str, str]:
-        """Instance id -> group for every instance in ``Terminating:Wait`` in the named groups.
+    def waiting_instances(self, asg_names: Iterable[str]) -> dict[str, WaitingInstance]:
+        """Every instance of the named groups in a wait a terminating hook may be behind.
 
         One DescribeAutoScalingGroups call per 50 groups (per page), never a call per instance.
         """
         names = list(dict.fromkeys(asg_names))
-        waiting: dict[str, str] = {}
+        waiting: dict[str, WaitingInstance] = {}
         for start in range(0, len(names), DESCRIBE_PAGE):
             kwargs: dict[str, Any] = {"AutoScalingGroupNames": names[start : start + DESCRIBE_PAGE]}
             while True:
                 page = self._describe_page(kwargs)
                 for group in page.get("AutoScalingGroups", []):
                     for instance in group.get("Instances", []):
-                        if instance.get("LifecycleState") in WAITING_STATES:
-                            waiting[instance["InstanceId"]] = group["AutoScalingGroupName"]
+                        state = instance.get("LifecycleState", "")
+                        if state in WAITING_STATES:
+                            waiting[instance["InstanceId"]] = WaitingInstance(
+                                group["AutoScalingGroupName"], state
+                            )
                 token = page.get("NextToken")
                 if not token:
                     break

@@ -24,7 +24,12 @@ from enum import StrEnum
 from botocore.exceptions import BotoCoreError, ClientError
 
 from busy_guard.decision import Action, Decision, Reason, StateUnavailable, decide
-from busy_guard.guard.autoscaling import AutoScalingUnavailableError, HookResult, LifecycleHooks
+from busy_guard.guard.autoscaling import (
+    AutoScalingUnavailableError,
+    HookResult,
+    LifecycleHooks,
+    WaitingInstance,
+)
 from busy_guard.guard.config import GuardConfig
 from busy_guard.guard.observability import logger
 from busy_guard.guard.table import BusyTable, TableUnavailableError
@@ -249,7 +254,7 @@ class Guard:
         """Look at every instance waiting on our hook and every item we are waiting on."""
         now = self._clock()
         report = TickReport()
-        waiting: dict[str, str] | None = None
+        waiting: dict[str, WaitingInstance] | None = None
         draining: dict[str, BusyState] | None = None
         try:
             waiting = self._hooks.waiting_instances(self._config.asg_names)
@@ -272,7 +277,7 @@ class Guard:
         return report
 
     def _plan(
-        self, now: float, waiting: dict[str, str] | None, draining: dict[str, BusyState] | None
+        self, now: float, waiting: dict[str, WaitingInstance] | None, draining: dict[str, BusyState] | None
     ) -> tuple[list[Work], list[Outcome]]:
         work: list[Work] = []
         finished: list[Outcome] = []
@@ -284,6 +289,8 @@ class Guard:
                 work.append(Target(instance_id, state.draining.asg, Trigger.SCHEDULE, known=state))
             return work, finished
 
+        # Maybe a launch hook's wait (a new warm-pool instance): only our event may claim those.
+        waiting = {i: w for i, w in waiting.items() if i in known or w.adoptable}
         unknown = [instance_id for instance_id in waiting if instance_id not in known]
         others: dict[str, BusyState] = {}
         if unknown and draining is not None:
@@ -292,7 +299,7 @@ class Guard:
             except TableUnavailableError as error:
                 logger.error(str(error))
         retry_window = 3 * self._config.reconcile_interval
-        for instance_id, asg in waiting.items():
+        for instance_id, (asg, _state) in waiting.items():
             seen = known.get(instance_id) or others.get(instance_id)
             target = Target(instance_id, asg, Trigger.SCHEDULE, known=seen)
             if seen is not None and seen.is_released and seen.released is not None:
