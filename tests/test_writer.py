@@ -803,10 +803,17 @@ def hanging_endpoint() -> Iterator[str]:
         server.close()
 
 
+def count_http_attempts(client: Any) -> list[str]:
+    attempts: list[str] = []
+    client.meta.events.register("before-send.dynamodb.*", lambda request, **_: attempts.append(request.url))
+    return attempts
+
+
 def test_a_hanging_endpoint_holds_begin_about_a_second(
     hanging_endpoint: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("BUSY_GUARD_ENDPOINT_URL", hanging_endpoint)
+    attempts = count_http_attempts(writer._shared_client(hanging_endpoint))  # built before the clock starts
     ran = False
     started = time.monotonic()
     with instance_busy_sync(INSTANCE, "k", table="t") as lease:
@@ -814,11 +821,14 @@ def test_a_hanging_endpoint_holds_begin_about_a_second(
         ran = True
         assert lease is None
     assert ran
-    assert 0.9 < elapsed < 2.5, elapsed  # two 0.5 s read timeouts, then give up
+    assert len(attempts) == 2  # bounded retries: one retry, then give up
+    assert 0.9 < elapsed < 2.5, elapsed  # two 0.5 s read timeouts
     print(f"begin against a hanging endpoint took {elapsed:.2f} s")
 
 
 def test_a_hanging_endpoint_does_not_block_the_event_loop(hanging_endpoint: str) -> None:
+    writer._shared_client(hanging_endpoint)  # built before the clock starts
+
     async def main() -> tuple[float, int]:
         ticks = 0
 

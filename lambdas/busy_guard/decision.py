@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from busy_guard.schema import BusyState
+from busy_guard.schema import BusyState, Lease
 
 HOUR = 3600.0
+MAX_KINDS_TEXT = 200  # characters of lease kinds in a decision's detail
 
 
 class Action(StrEnum):
@@ -80,8 +81,7 @@ def decide(state: BusyState | StateUnavailable, config: DecisionConfig, now: flo
     expired = len(state.leases) - len(live)
     legacy_live, legacy_stale = _legacy_markers(state, config, now)
     if live or legacy_live:
-        kinds = sorted({lease.kind for lease in live})
-        detail = f"{len(live)} live lease(s) {kinds}" if live else ""
+        detail = f"{len(live)} live lease(s) {_kinds(live)}" if live else ""
         if legacy_live:
             detail = f"{detail}; {legacy_live} legacy marker(s)".lstrip("; ")
         return Decision(Action.WAIT, Reason.BUSY, detail, live_leases=len(live) + legacy_live)
@@ -91,6 +91,13 @@ def decide(state: BusyState | StateUnavailable, config: DecisionConfig, now: flo
             Action.CONTINUE, Reason.STALE, f"{stale} expired or stale marker(s)", stale_markers=stale
         )
     return Decision(Action.CONTINUE, Reason.IDLE)
+
+
+def _kinds(leases: list[Lease]) -> str:
+    """The kinds of the live leases, for the decision's detail. Bounded: it is logged on every look,
+    and a kind is whatever string a writer passed."""
+    text = repr(sorted({lease.kind for lease in leases}))
+    return text if len(text) <= MAX_KINDS_TEXT else text[: MAX_KINDS_TEXT - 3] + "..."
 
 
 def _since(state: BusyState) -> float | None:

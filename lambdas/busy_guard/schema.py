@@ -46,6 +46,7 @@ HOOK = "hook"
 AT = "at"
 REASON = "reason"
 BY = "by"
+CONFIRMED_AT = "confirmed_at"
 
 Item = Mapping[str, Any]
 """A busy-table item in DynamoDB wire format."""
@@ -79,6 +80,8 @@ class Released:
     at: float
     reason: str
     by: str
+    # When a later tick saw that no action of ours was pending any more: stop retrying.
+    confirmed_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -238,7 +241,12 @@ def _parse_released(value: Any, problems: list[str]) -> Released | None:
     if fields is None or at is None:
         problems.append(f"{RELEASED} is unreadable")
         return Released(at=0.0, reason="unknown", by="unknown")
-    return Released(at=at, reason=_string(fields.get(REASON)) or "", by=_string(fields.get(BY)) or "")
+    return Released(
+        at=at,
+        reason=_string(fields.get(REASON)) or "",
+        by=_string(fields.get(BY)) or "",
+        confirmed_at=_number(fields.get(CONFIRMED_AT)),
+    )
 
 
 def _parse_legacy_leases(value: Any, problems: list[str]) -> tuple[LegacyLease, ...]:
@@ -526,6 +534,24 @@ def release_update(
     if conditions:
         request["ConditionExpression"] = " AND ".join(conditions)
     return request
+
+
+def confirm_release_update(released_at: float, *, now: float) -> UpdateRequest:
+    """Note that the recorded release is finished: the hook no longer waits on us.
+
+    Only for the release recorded at ``released_at`` (never a newer termination's mark), and a
+    write the stream filter never matches (no ``draining``)."""
+    return {
+        "UpdateExpression": "SET #released.#confirmed = :now",
+        "ConditionExpression": "attribute_not_exists(#draining) AND #released.#at = :at",
+        "ExpressionAttributeNames": {
+            "#released": RELEASED,
+            "#confirmed": CONFIRMED_AT,
+            "#draining": DRAINING,
+            "#at": AT,
+        },
+        "ExpressionAttributeValues": {":now": num(now), ":at": num(released_at)},
+    }
 
 
 # --- the stream filter ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Thin on purpose: parsing lives in ``models``, decisions in ``decision``, I/O in 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -19,6 +20,7 @@ from busy_guard.decision import Reason
 from busy_guard.guard.autoscaling import LifecycleHooks
 from busy_guard.guard.config import GuardConfig
 from busy_guard.guard.models import (
+    INSTANCE_ID_PATTERN,
     Ignored,
     Malformed,
     StreamBatch,
@@ -35,6 +37,10 @@ from busy_guard.guard.table import BusyTable
 _AWS_CONFIG = Config(
     connect_timeout=3, read_timeout=10, retries={"mode": "standard", "total_max_attempts": 3}
 )
+
+
+# Characters of a stream record's id or of a string from its image that a log line shows.
+MAX_SHOWN = 64
 
 
 class ReconcileError(RuntimeError):
@@ -127,24 +133,30 @@ def _on_stream(records: list[Any], guard: Guard) -> dict[str, Any]:
     config = guard.config
     for position, raw in enumerate(records):
         record_id = _sequence_number(raw) or str(position)
+        shown = record_id if len(record_id) <= MAX_SHOWN else record_id[: MAX_SHOWN - 3] + "..."
         try:
             record = parse_stream_record(raw)
             image = record.dynamodb.NewImage
             state = schema.parse_item(image) if image else None
+            if state is not None and not re.fullmatch(INSTANCE_ID_PATTERN, state.instance_id):
+                # Never a key to write or an id to send to Auto Scaling, nor a whole line of log.
+                raise ValueError(f"instance id {state.instance_id[:MAX_SHOWN]!r} is not an EC2 instance id")
         except (ValueError, schema.SchemaError) as error:
-            logger.error(f"malformed stream record {record_id}: {error}")
+            logger.error(f"malformed stream record {shown}: {error}")
             metrics.add_metric(name=MetricName.MALFORMED_EVENTS, unit=MetricUnit.Count, value=1)
             continue  # retrying can't repair it
         if state is None or state.draining is None or state.draining.asg not in config.asg_names:
-            logger.info(f"stream record {record_id}: not a draining item of a guarded group")
+            logger.info(f"stream record {shown}: not a draining item of a guarded group")
             continue
         if state.draining.hook not in ("", config.hook_name):
+            hook = state.draining.hook[:MAX_SHOWN]
+            logger.info(f"stream record {shown}: draining for another hook ({hook!r})")
             continue
         target = Target(state.instance_id, state.draining.asg, Trigger.STREAM, known=state)
         try:
             outcomes.append(guard.reconcile(target))
         except Exception:
-            logger.exception(f"stream record {record_id}: reconcile failed; the batch will retry it")
+            logger.exception(f"stream record {shown}: reconcile failed; the batch will retry it")
             failures.append({"itemIdentifier": record_id})
     _record(outcomes)
     return {"batchItemFailures": failures, **_summary(outcomes)}

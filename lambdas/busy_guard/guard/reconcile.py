@@ -10,6 +10,7 @@ Calls per decision on the common paths (a first look is one conditional ``Update
     busy, first look       release-if-idle (fails) + mark draining            = 2
     busy, later tick       RecordLifecycleActionHeartbeat (state from the scan) = 1
     last lease ended       release (state from the stream image) + Complete     = 2
+    busy, event lost       mark draining (batch read: busy) + heartbeat         = 2
 """
 
 from __future__ import annotations
@@ -81,8 +82,10 @@ class Outcome:
 
 @dataclass(frozen=True)
 class RetryCompletion:
-    """Released but still waiting: an invocation may have died between recording the release and
-    completing the hook. Completing again is safe: AWS answers "no active action" if it is done."""
+    """Released but still waiting: an invocation may have died, or CompleteLifecycleAction failed,
+    between recording the release and completing the hook. Completing again is safe: AWS answers
+    "no active action" when it is done (or when the wait is another hook's), and then the release
+    is confirmed on the item so later ticks leave the instance alone."""
 
     target: Target
 
@@ -151,6 +154,16 @@ class Guard:
     def _reconcile(self, target: Target) -> Outcome:
         now = self._clock()
         state = target.known if target.known is not None and target.known.is_draining else None
+        if state is None and self._known_busy(target, now):
+            # The tick's consistent batch read shows live work, so release-if-idle would only be
+            # refused: take the look at once. Its ALL_NEW state is what gets decided on, so work
+            # that ended since the read is still released now.
+            try:
+                state = self._table.mark_draining(
+                    target.instance_id, Draining(since=now, asg=target.asg, hook=self._hooks.hook_name)
+                )
+            except TableUnavailableError as error:
+                return self._unavailable(target, now, str(error), target.not_before or None)
         if state is None:
             try:
                 released, state = self._table.release_if_idle(
@@ -167,7 +180,8 @@ class Guard:
                     and state.released is not None
                     and state.released.at >= target.not_before
                 ):
-                    detail = f"released at {state.released.at:.0f} ({state.released.reason})"
+                    # The reason is read from the item: bounded, like everything logged from it.
+                    detail = f"released at {state.released.at:.0f} ({state.released.reason[:64]})"
                     return Outcome(target, Step.ALREADY_DONE, detail=detail)
                 if state.draining is None:
                     state = self._table.mark_draining(
@@ -176,6 +190,12 @@ class Guard:
             except TableUnavailableError as error:
                 return self._unavailable(target, now, str(error), target.not_before or None)
         return self._act(target, state, now)
+
+    def _known_busy(self, target: Target, now: float) -> bool:
+        known = target.known
+        if known is None or known.draining is not None or known.released is not None:
+            return False
+        return decide(known, self._config.decision, now).reason is Reason.BUSY
 
     def _act(self, target: Target, state: BusyState, now: float) -> Outcome:
         for _round in range(MAX_CLAIM_ROUNDS):
@@ -298,13 +318,16 @@ class Guard:
                 others = self._table.get_many(unknown)
             except TableUnavailableError as error:
                 logger.error(str(error))
-        retry_window = 3 * self._config.reconcile_interval
+        # Past one HeartbeatTimeout without our heartbeat, AWS has applied the hook's DefaultResult.
+        retry_window = self._config.heartbeat_timeout
         for instance_id, (asg, _state) in waiting.items():
             seen = known.get(instance_id) or others.get(instance_id)
             target = Target(instance_id, asg, Trigger.SCHEDULE, known=seen)
             if seen is not None and seen.is_released and seen.released is not None:
-                age = now - seen.released.at
-                if seen.released.reason != GONE and RETRY_AFTER <= age < retry_window:
+                released = seen.released
+                age = now - released.at
+                unfinished = released.reason != GONE and released.confirmed_at is None
+                if unfinished and RETRY_AFTER <= age < retry_window:
                     work.append(RetryCompletion(target))
                 else:
                     finished.append(Outcome(target, Step.SKIPPED, detail="waiting on another hook"))
@@ -332,10 +355,19 @@ class Guard:
                 outcome = self._release_gone(target, state, now, "instance no longer waiting on our hook")
             else:
                 outcome = self._complete(target, _recorded_decision(state, self._config), now, now, state)
+                self._confirm(target, state, now)
             logger.info(
                 f"{target.instance_id}: {outcome.step}", step=str(outcome.step), detail=outcome.detail
             )
             return outcome
+
+    def _confirm(self, target: Target, state: BusyState, now: float) -> None:
+        if state.released is None:
+            return
+        try:
+            self._table.confirm_release(target.instance_id, state.released.at, now=now)
+        except TableUnavailableError as error:
+            logger.warning(f"could not confirm the release; the next tick completes again: {error}")
 
     def _run_all(self, work: list[Work], report: TickReport) -> list[Outcome]:
         if not work:

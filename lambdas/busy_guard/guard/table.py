@@ -70,6 +70,11 @@ class BusyTable:
         )
         return self._conditional(instance_id, request)
 
+    def confirm_release(self, instance_id: str, released_at: float, *, now: float) -> bool:
+        """Mark a recorded release as finished; False when the item moved on meanwhile."""
+        done, _state = self._conditional(instance_id, schema.confirm_release_update(released_at, now=now))
+        return done
+
     def get(self, instance_id: str) -> BusyState:
         response = self._call(
             "GetItem",
