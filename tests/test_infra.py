@@ -323,7 +323,7 @@ def test_function_runtime_code_layer_tracing_timeout_and_memory(template: Templa
     assert props["Handler"] == "busy_guard.guard.handler.handler"
     assert props["TracingConfig"] == {"Mode": "Active"}
     assert props["Timeout"] == 50
-    assert props["MemorySize"] == 256
+    assert props["MemorySize"] == 1024
     assert props["LoggingConfig"] == {"LogGroup": {"Ref": logical_id(template, "AWS::Logs::LogGroup")}}
     assert props["Layers"] == [
         {

@@ -59,9 +59,11 @@ def build_guard(
     """A guard from the environment's configuration, with its own clients."""
     config = config or GuardConfig.from_env()
     session = session or boto3.Session()
+    # One pooled connection per tick worker (botocore's default pool is 10).
+    aws = _AWS_CONFIG.merge(Config(max_pool_connections=max(10, config.tick_concurrency)))
     return Guard(
-        table=BusyTable(session.client("dynamodb", config=_AWS_CONFIG), config.table_name),
-        hooks=LifecycleHooks(session.client("autoscaling", config=_AWS_CONFIG), config.hook_name),
+        table=BusyTable(session.client("dynamodb", config=aws), config.table_name),
+        hooks=LifecycleHooks(session.client("autoscaling", config=aws), config.hook_name),
         config=config,
         clock=clock,
     )
