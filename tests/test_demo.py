@@ -89,3 +89,26 @@ def _is_json(line: str) -> bool:
         return isinstance(json.loads(line), dict)
     except ValueError:
         return False
+
+
+def test_the_command_runs_on_a_machine_with_a_foreign_aws_setup() -> None:
+    """`make demo` as a newcomer runs it: the console script in a fresh process, with an AWS
+    profile that doesn't exist here and an endpoint override in the environment."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("busy-guard")
+    env = {**os.environ, "AWS_PROFILE": "no-such-profile", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    result = subprocess.run(
+        [str(script), "demo", "--scenario", "crashed-writer"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "PASS  crashed writer" in result.stdout
+    assert "1/1 scenarios passed" in result.stdout

@@ -395,21 +395,10 @@ def case() -> Iterator[Case]:
 
 def begin(sb: Sandbox, instance_id: str, kind: str = "bulk_table_insert") -> Any:
     """A real writer lease on the sandbox's (fault-free) client; the test drives its heartbeats."""
-    lease = writer.begin_destructive_op_sync(
-        instance_id,
-        kind,
-        table=sb.table_name,
-        client=sb.dynamodb,
-        clock=sb.clock,
-        heartbeat_interval=LEASE_TTL - 1,  # real seconds: never fires during a test
-        lease_ttl=LEASE_TTL,
-    )
-    assert lease is not None
-    return lease
+    return sb.begin(instance_id, kind, lease_ttl=LEASE_TTL)
 
 
-def end(lease: Any) -> None:
-    writer.end_destructive_op_sync(lease.instance_id, lease)
+end = Sandbox.end
 
 
 def completions(sb: Sandbox, instance_id: str) -> list[tuple[str, str]]:

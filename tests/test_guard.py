@@ -20,8 +20,7 @@ from busy_guard import schema
 from busy_guard.guard.handler import ReconcileError
 from busy_guard.guard.observability import logger
 from busy_guard.sandbox.clock import ManualClock
-from busy_guard.sandbox.world import Sandbox, SandboxSettings
-from busy_guard.writer import begin_destructive_op_sync, end_destructive_op_sync
+from busy_guard.sandbox.world import AwsCallCounter, Sandbox, SandboxSettings
 
 START = 1_800_000_000.0
 GROUP = "graph-db"
@@ -38,27 +37,6 @@ def sandbox(clock: ManualClock) -> Iterator[Sandbox]:
         yield world
 
 
-def begin(sb: Sandbox, instance_id: str, kind: str = "bulk_table_insert", **kwargs: Any) -> Any:
-    """A real writer lease; heartbeats are driven by the test, not by a thread."""
-    lease_ttl = kwargs.pop("lease_ttl", 180)
-    lease = begin_destructive_op_sync(
-        instance_id,
-        kind,
-        table=sb.table_name,
-        client=sb.dynamodb,
-        clock=sb.clock,
-        heartbeat_interval=lease_ttl - 1,  # real seconds: never fires during a test
-        lease_ttl=lease_ttl,
-        **kwargs,
-    )
-    assert lease is not None
-    return lease
-
-
-def end(lease: Any) -> None:
-    end_destructive_op_sync(lease.instance_id, lease)
-
-
 def run_ticks(sb: Sandbox, clock: ManualClock, seconds: float, every: float = 300) -> None:
     """Schedule ticks over ``seconds``; every 5 minutes keeps a 15-minute hook alive."""
     elapsed = 0.0
@@ -71,22 +49,6 @@ def run_ticks(sb: Sandbox, clock: ManualClock, seconds: float, every: float = 30
 
 def completions(sb: Sandbox, instance_id: str) -> list[tuple[str, str]]:
     return [(c.result, c.by) for c in sb.emulator.completions(instance_id)]
-
-
-class AwsCalls:
-    """Counts the guard's own AWS calls, by operation, through botocore's event system."""
-
-    def __init__(self, sb: Sandbox) -> None:
-        self.counts: Counter[str] = Counter()
-        for client in (sb.guard.table.client, sb.guard.hooks.client):
-            client.meta.events.register("before-call.*.*", self._count)
-
-    def _count(self, model: Any, **_: Any) -> None:
-        self.counts[model.name] += 1
-
-    def take(self) -> Counter[str]:
-        taken, self.counts = self.counts, Counter()
-        return taken
 
 
 # --- the decision table, end to end ------------------------------------------------------------------
@@ -103,19 +65,19 @@ def test_idle_instance_is_released_at_once(sandbox: Sandbox) -> None:
 
 def test_busy_instance_waits_then_is_released_by_the_stream(sandbox: Sandbox, clock: ManualClock) -> None:
     instance = sandbox.instances(GROUP)[0]
-    lease = begin(sandbox, instance)
+    lease = sandbox.begin(instance)
     sandbox.terminate(instance)
     assert sandbox.emulator.state(instance) == "Terminating:Wait"
     assert sandbox.item(instance).draining is not None
 
     for _ in range(3):  # the work goes on; the schedule keeps the hook alive
         clock.advance(60)
-        lease.heartbeat_now() if hasattr(lease, "heartbeat_now") else _renew(sandbox, lease)
+        assert sandbox.renew(lease)
         sandbox.tick()
     assert sandbox.emulator.heartbeats(instance) == 3
     assert completions(sandbox, instance) == []
 
-    end(lease)
+    Sandbox.end(lease)
     result = sandbox.pump_stream()  # the last lease just ended: the filtered stream wakes the guard
     assert result is not None and result["outcomes"][0]["step"] == "completed"
     assert completions(sandbox, instance) == [("CONTINUE", "guard")]
@@ -127,9 +89,9 @@ def test_busy_instance_is_released_by_the_next_tick_without_the_stream(
     sandbox: Sandbox, clock: ManualClock
 ) -> None:
     instance = sandbox.instances(GROUP)[0]
-    lease = begin(sandbox, instance)
+    lease = sandbox.begin(instance)
     sandbox.terminate(instance)
-    end(lease)  # stream record lost: never pumped
+    Sandbox.end(lease)  # stream record lost: never pumped
     assert completions(sandbox, instance) == []
     clock.advance(60)
     sandbox.tick()
@@ -138,7 +100,7 @@ def test_busy_instance_is_released_by_the_next_tick_without_the_stream(
 
 def test_crashed_writer_is_released_after_lease_expiry_as_stale(sandbox: Sandbox, clock: ManualClock) -> None:
     instance = sandbox.instances(GROUP)[0]
-    begin(sandbox, instance, lease_ttl=180)  # the process dies: no heartbeat, no end
+    sandbox.begin(instance, lease_ttl=180)  # the process dies: no heartbeat, no end
     sandbox.terminate(instance)
     clock.advance(180)  # expired, but inside the 30 s clock-skew allowance
     sandbox.tick()
@@ -201,7 +163,7 @@ def test_max_wait_releases_live_work(clock: ManualClock, result: str) -> None:
     settings = SandboxSettings(max_wait=3600, heartbeat_timeout=900, max_wait_result=result)
     with Sandbox.start(settings, clock=clock) as sb:
         instance = sb.instances(GROUP)[0]
-        lease = begin(sb, instance, lease_ttl=10 * 3600)
+        lease = sb.begin(instance, lease_ttl=10 * 3600)
         sb.terminate(instance)
         run_ticks(sb, clock, 3600 - 60)
         assert completions(sb, instance) == []
@@ -241,7 +203,7 @@ def test_dynamodb_errors_hold_the_instance_and_heal_on_the_next_tick(
 def test_duplicate_and_late_events_make_no_second_completion(sandbox: Sandbox, clock: ManualClock) -> None:
     instance = sandbox.instances(GROUP)[0]
     [event] = sandbox.terminate(instance)
-    calls = AwsCalls(sandbox)
+    calls = AwsCallCounter.of_guard(sandbox)
     clock.advance(5)
     result = sandbox.invoke(event)  # EventBridge delivers at least once
     assert result["outcomes"][0]["step"] == "already_done"
@@ -253,11 +215,11 @@ def test_duplicate_and_late_events_make_no_second_completion(sandbox: Sandbox, c
 
 def test_concurrent_triggers_complete_once(sandbox: Sandbox, clock: ManualClock) -> None:
     instance = sandbox.instances(GROUP)[0]
-    lease = begin(sandbox, instance)
+    lease = sandbox.begin(instance)
     [event] = sandbox.terminate(instance)
-    end(lease)
+    Sandbox.end(lease)
     clock.advance(1)
-    calls = AwsCalls(sandbox)
+    calls = AwsCallCounter.of_guard(sandbox)
     barrier = threading.Barrier(3)
     errors: list[BaseException] = []
 
@@ -286,13 +248,13 @@ def test_concurrent_triggers_complete_once(sandbox: Sandbox, clock: ManualClock)
 # --- calls per decision ---------------------------------------------------------------------------
 def test_calls_per_decision(sandbox: Sandbox, clock: ManualClock) -> None:
     idle, busy = sandbox.instances(GROUP)[:2]
-    calls = AwsCalls(sandbox)
+    calls = AwsCallCounter.of_guard(sandbox)
     sandbox.terminate(idle)
     idle_calls = calls.take()
     assert sum(idle_calls.values()) <= 2, idle_calls
     assert idle_calls["CompleteLifecycleAction"] == 1
 
-    lease = begin(sandbox, busy)
+    lease = sandbox.begin(busy)
     sandbox.terminate(busy)
     first_look = calls.take()
     assert sum(first_look.values()) <= 2, first_look
@@ -305,7 +267,7 @@ def test_calls_per_decision(sandbox: Sandbox, clock: ManualClock) -> None:
     assert tick["UpdateItem"] == 0 and tick["GetItem"] == 0
     assert sum(tick.values()) - tick["DescribeAutoScalingGroups"] - tick["Scan"] <= 2, tick
 
-    end(lease)
+    Sandbox.end(lease)
     sandbox.pump_stream()
     released = calls.take()
     assert released == Counter({"UpdateItem": 1, "CompleteLifecycleAction": 1})
@@ -324,11 +286,11 @@ def test_new_work_is_refused_while_draining(sandbox: Sandbox) -> None:
     from busy_guard.writer import InstanceDrainingError
 
     instance = sandbox.instances(GROUP)[0]
-    lease = begin(sandbox, instance)
+    lease = sandbox.begin(instance)
     sandbox.terminate(instance)
     with pytest.raises(InstanceDrainingError):
-        begin(sandbox, instance)
-    end(lease)
+        sandbox.begin(instance)
+    Sandbox.end(lease)
 
 
 def test_another_hooks_wait_is_skipped_after_ours_completes(clock: ManualClock) -> None:
@@ -338,7 +300,7 @@ def test_another_hooks_wait_is_skipped_after_ours_completes(clock: ManualClock) 
         sb.terminate(instance)
         assert completions(sb, instance) == [("CONTINUE", "guard")]
         assert sb.emulator.state(instance) == "Terminating:Wait"  # the other hook still holds it
-        calls = AwsCalls(sb)
+        calls = AwsCallCounter.of_guard(sb)
         for _ in range(5):
             clock.advance(60)
             sb.tick()
@@ -353,7 +315,7 @@ def test_another_hooks_wait_is_skipped_after_ours_completes(clock: ManualClock) 
 
 def test_instance_gone_from_the_group_is_marked_released(sandbox: Sandbox, clock: ManualClock) -> None:
     instance = sandbox.instances(GROUP)[0]
-    begin(sandbox, instance, lease_ttl=10 * 3600)
+    sandbox.begin(instance, lease_ttl=10 * 3600)
     sandbox.terminate(instance)
     # Someone completes our hook behind the guard's back (an operator with the CLI of another tool).
     sandbox.autoscaling.complete_lifecycle_action(
@@ -372,9 +334,9 @@ def test_instance_gone_from_the_group_is_marked_released(sandbox: Sandbox, clock
 
 def test_malformed_stream_record_never_loses_the_valid_one(sandbox: Sandbox, clock: ManualClock) -> None:
     instance = sandbox.instances(GROUP)[0]
-    lease = begin(sandbox, instance)
+    lease = sandbox.begin(instance)
     sandbox.terminate(instance)
-    end(lease)
+    Sandbox.end(lease)
     clock.advance(1)
     good = sandbox._new_stream_records()[-1]
     result = sandbox.invoke({"Records": [{"dynamodb": "garbage"}, 42, good]}, "stream")
@@ -400,11 +362,6 @@ def test_every_log_line_names_the_instance_and_group(
     assert any("HookWaitSeconds" in m for m in metrics)
 
 
-def _renew(sb: Sandbox, lease: Any) -> None:
-    request = schema.heartbeat_update(lease.lease_id, now=sb.clock(), expires_at=sb.clock() + 180)
-    sb.dynamodb.update_item(TableName=sb.table_name, Key=schema.key(lease.instance_id), **request)
-
-
 def _http(status: int) -> Any:
     from botocore.awsrequest import AWSResponse
 
@@ -417,24 +374,24 @@ def test_warm_pool_return_is_guarded_and_the_instance_works_again(
     from busy_guard import identity
 
     instance = sandbox.instances(GROUP)[0]
-    lease = begin(sandbox, instance, lease_ttl=3600)
+    lease = sandbox.begin(instance, lease_ttl=3600)
     sandbox.terminate(instance, destination="WarmPool")
     assert sandbox.emulator.state(instance) == "Warmed:Pending:Wait"
     run_ticks(sandbox, clock, 600)
     assert completions(sandbox, instance) == []
     assert sandbox.emulator.heartbeats(instance) >= 2  # held, not mistaken for gone
-    end(lease)
+    Sandbox.end(lease)
     sandbox.pump_stream()
     assert completions(sandbox, instance) == [("CONTINUE", "guard")]
 
     clock.advance(3600)
     sandbox.emulator.relaunch(instance)  # same id, a new boot
     monkeypatch.setattr(identity, "boot_time", lambda: clock() - 5)
-    second = begin(sandbox, instance)  # the old release mark does not refuse work after a reboot
+    second = sandbox.begin(instance)  # the old release mark does not refuse work after a reboot
     item = sandbox.item(instance)
     assert item.released is None and item.expires_at is None  # TTL can't delete a live instance
     sandbox.terminate(instance)
     item = sandbox.item(instance)
     assert item.draining is not None and item.draining.since == clock()  # a fresh wait
     assert len(completions(sandbox, instance)) == 1
-    end(second)
+    Sandbox.end(second)

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeGuard, cast
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeGuard, Unpack, cast
 
 import boto3
 from botocore.config import Config
@@ -63,6 +63,27 @@ _BEGIN_TRIES = 3
 
 OnDraining = Literal["raise", "warn"]
 _ON_DRAINING: tuple[str, ...] = ("raise", "warn")
+
+
+class WriterOptions(TypedDict, total=False):
+    """Keyword options every writer entry point takes (``begin_*``, ``instance_busy*``).
+
+    table               the busy table; default ``$BUSY_GUARD_TABLE``
+    on_draining         "raise" (``InstanceDrainingError``, default) or "warn" (run without a lease)
+    heartbeat_interval  seconds between lease renewals; default 60
+    lease_ttl           seconds a lease lives without renewal; default 180, > heartbeat_interval
+    client              a boto3 DynamoDB client to use instead of the library's own
+    clock               epoch seconds, ``time.time`` by default (tests)
+    endpoint_url        default ``$BUSY_GUARD_ENDPOINT_URL`` (DynamoDB Local, moto_server)
+    """
+
+    table: str | None
+    on_draining: OnDraining
+    heartbeat_interval: float
+    lease_ttl: float
+    client: DynamoDBClient | None
+    clock: Callable[[], float] | None
+    endpoint_url: str | None
 
 
 class InstanceDrainingError(RuntimeError):
@@ -198,13 +219,13 @@ class _Writer:
     def configure(
         cls,
         *,
-        table: str | None,
-        on_draining: str,
-        heartbeat_interval: float,
-        lease_ttl: float,
-        client: DynamoDBClient | None,
-        clock: Callable[[], float] | None,
-        endpoint_url: str | None,
+        table: str | None = None,
+        on_draining: str = "raise",
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        client: DynamoDBClient | None = None,
+        clock: Callable[[], float] | None = None,
+        endpoint_url: str | None = None,
     ) -> _Writer:
         """Validate the arguments (a ``ValueError`` is a bug at the call site) and read the
         environment. No I/O."""
@@ -470,14 +491,7 @@ def _endable(lease: object, instance_id: str | None) -> TypeGuard[LeaseHandle]:
 async def begin_destructive_op(
     instance_id: str | None = None,
     op_kind: str = OP_KIND_MATERIALIZATION,
-    *,
-    table: str | None = None,
-    on_draining: OnDraining = "raise",
-    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
-    lease_ttl: float = DEFAULT_LEASE_TTL,
-    client: DynamoDBClient | None = None,
-    clock: Callable[[], float] | None = None,
-    endpoint_url: str | None = None,
+    **options: Unpack[WriterOptions],
 ) -> LeaseHandle | None:
     """Take a lease for an operation on this instance and start its heartbeat task.
 
@@ -487,15 +501,7 @@ async def begin_destructive_op(
     draining instance. Raises ``InstanceDrainingError`` when the instance is draining (default),
     and ``ValueError`` for invalid arguments. The DynamoDB call runs in a worker thread.
     """
-    writer = _Writer.configure(
-        table=table,
-        on_draining=on_draining,
-        heartbeat_interval=heartbeat_interval,
-        lease_ttl=lease_ttl,
-        client=client,
-        clock=clock,
-        endpoint_url=endpoint_url,
-    )
+    writer = _Writer.configure(**options)
     begin = _AbandonableBegin(writer, instance_id, op_kind)
     try:
         handle = await asyncio.to_thread(begin.run)
@@ -524,25 +530,10 @@ async def end_destructive_op(instance_id: str | None, lease: LeaseHandle | None)
 def begin_destructive_op_sync(
     instance_id: str | None = None,
     op_kind: str = OP_KIND_MATERIALIZATION,
-    *,
-    table: str | None = None,
-    on_draining: OnDraining = "raise",
-    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
-    lease_ttl: float = DEFAULT_LEASE_TTL,
-    client: DynamoDBClient | None = None,
-    clock: Callable[[], float] | None = None,
-    endpoint_url: str | None = None,
+    **options: Unpack[WriterOptions],
 ) -> LeaseHandle | None:
     """``begin_destructive_op`` for sync code: the heartbeat is a daemon thread."""
-    writer = _Writer.configure(
-        table=table,
-        on_draining=on_draining,
-        heartbeat_interval=heartbeat_interval,
-        lease_ttl=lease_ttl,
-        client=client,
-        clock=clock,
-        endpoint_url=endpoint_url,
-    )
+    writer = _Writer.configure(**options)
     handle = writer.begin(instance_id, op_kind)
     if handle is not None:
         writer.start_thread(handle)
@@ -559,14 +550,7 @@ def end_destructive_op_sync(instance_id: str | None, lease: LeaseHandle | None) 
 async def instance_busy(
     instance_id: str | None = None,
     op_kind: str = OP_KIND_MATERIALIZATION,
-    *,
-    table: str | None = None,
-    on_draining: OnDraining = "raise",
-    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
-    lease_ttl: float = DEFAULT_LEASE_TTL,
-    client: DynamoDBClient | None = None,
-    clock: Callable[[], float] | None = None,
-    endpoint_url: str | None = None,
+    **options: Unpack[WriterOptions],
 ) -> AsyncIterator[LeaseHandle | None]:
     """Hold a lease while the body runs: ``async with instance_busy(instance_id, op_kind): ...``.
 
@@ -576,17 +560,7 @@ async def instance_busy(
     Raises ``InstanceDrainingError`` before the body when the instance is draining, unless
     ``on_draining="warn"``.
     """
-    handle = await begin_destructive_op(
-        instance_id,
-        op_kind,
-        table=table,
-        on_draining=on_draining,
-        heartbeat_interval=heartbeat_interval,
-        lease_ttl=lease_ttl,
-        client=client,
-        clock=clock,
-        endpoint_url=endpoint_url,
-    )
+    handle = await begin_destructive_op(instance_id, op_kind, **options)
     try:
         yield handle
     finally:
@@ -597,27 +571,10 @@ async def instance_busy(
 def instance_busy_sync(
     instance_id: str | None = None,
     op_kind: str = OP_KIND_MATERIALIZATION,
-    *,
-    table: str | None = None,
-    on_draining: OnDraining = "raise",
-    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
-    lease_ttl: float = DEFAULT_LEASE_TTL,
-    client: DynamoDBClient | None = None,
-    clock: Callable[[], float] | None = None,
-    endpoint_url: str | None = None,
+    **options: Unpack[WriterOptions],
 ) -> Iterator[LeaseHandle | None]:
     """``instance_busy`` for sync code: ``with instance_busy_sync(instance_id, op_kind): ...``."""
-    handle = begin_destructive_op_sync(
-        instance_id,
-        op_kind,
-        table=table,
-        on_draining=on_draining,
-        heartbeat_interval=heartbeat_interval,
-        lease_ttl=lease_ttl,
-        client=client,
-        clock=clock,
-        endpoint_url=endpoint_url,
-    )
+    handle = begin_destructive_op_sync(instance_id, op_kind, **options)
     try:
         yield handle
     finally:
@@ -637,6 +594,7 @@ __all__ = [
     "OP_KIND_SEC_STAGING",
     "InstanceDrainingError",
     "LeaseHandle",
+    "WriterOptions",
     "begin_destructive_op",
     "begin_destructive_op_sync",
     "end_destructive_op",

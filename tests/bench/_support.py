@@ -15,7 +15,6 @@ import platform
 import re
 import statistics
 import sys
-import threading
 import time
 import uuid
 import warnings
@@ -27,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from botocore.awsrequest import AWSResponse
+
+from busy_guard.sandbox.environment import sandbox_environment
+from busy_guard.sandbox.world import AwsCallCounter
 
 REPO = Path(__file__).resolve().parents[2]
 START = 1_800_000_000.0  # simulated epoch seconds every benchmark clock starts at
@@ -203,55 +205,17 @@ def quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
-@contextlib.contextmanager
-def fake_credentials() -> Iterator[None]:
+def fake_credentials() -> contextlib.AbstractContextManager[None]:
     """Static fake credentials and no IMDS, so no client ever waits on a credential provider."""
-    values = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    saved = {name: os.environ.get(name) for name in (*values, "AWS_PROFILE")}
-    os.environ.pop("AWS_PROFILE", None)
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
+    return sandbox_environment()
 
 
 # --- counting and slowing AWS calls ------------------------------------------------------------------
-class AwsCalls:
-    """The AWS calls made through some clients, by operation (botocore ``before-call``: one per API
-    call, whatever botocore's retries do underneath). Thread-safe: the tick's workers call at once."""
+class AwsCalls(AwsCallCounter):
+    """The sandbox's call counter, over a list of clients."""
 
     def __init__(self, clients: Iterable[Any]) -> None:
-        self.counts: Counter[str] = Counter()
-        self._lock = threading.Lock()
-        self._id = f"bench-calls-{uuid.uuid4()}"
-        self._clients = list(clients)
-        for client in self._clients:
-            client.meta.events.register("before-call.*.*", self._count, unique_id=self._id)
-
-    def _count(self, model: Any, **_: Any) -> None:
-        with self._lock:
-            self.counts[model.name] += 1
-
-    def take(self) -> Counter[str]:
-        with self._lock:
-            taken, self.counts = self.counts, Counter()
-        return taken
-
-    def close(self) -> None:
-        for client in self._clients:
-            client.meta.events.unregister("before-call.*.*", unique_id=self._id)
+        super().__init__(*clients)
 
 
 @contextlib.contextmanager

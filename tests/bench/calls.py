@@ -16,7 +16,7 @@ from typing import Any
 
 from busy_guard import schema
 from busy_guard.sandbox.clock import ManualClock
-from busy_guard.writer import begin_destructive_op_sync, end_destructive_op_sync
+from busy_guard.writer import end_destructive_op_sync
 from tests.bench import _support
 from tests.bench._support import AwsCalls, breakdown, heading, note, table
 
@@ -144,17 +144,7 @@ def _last_step(sb: Any) -> Callable[[], str]:
 
 
 def _begin(sb: Any, instance_id: str, lease_ttl: float = 3600) -> Any:
-    lease = begin_destructive_op_sync(
-        instance_id,
-        "bulk_table_insert",
-        table=sb.table_name,
-        client=sb.dynamodb,
-        clock=sb.clock,
-        heartbeat_interval=lease_ttl - 1,  # real seconds: never fires during the benchmark
-        lease_ttl=lease_ttl,
-    )
-    assert lease is not None
-    return lease
+    return sb.begin(instance_id, lease_ttl=lease_ttl)
 
 
 # --- per tick ---------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 from busy_guard import schema
 from busy_guard.sandbox.clock import ManualClock
 from busy_guard.sandbox.world import matches
-from busy_guard.writer import begin_destructive_op_sync, end_destructive_op_sync
+from busy_guard.writer import end_destructive_op_sync
 from tests.bench import _support
 from tests.bench._support import heading, note, table
 
@@ -103,17 +103,7 @@ def _seconds(value: float) -> str:
 
 
 def _begin(sb: Any, instance_id: str) -> Any:
-    lease = begin_destructive_op_sync(
-        instance_id,
-        "bulk_table_insert",
-        table=sb.table_name,
-        client=sb.dynamodb,
-        clock=sb.clock,
-        heartbeat_interval=3599,  # real seconds: the heartbeat thread never fires during the benchmark
-        lease_ttl=3600,
-    )
-    assert lease is not None, "the writer took no lease"
-    return lease
+    return sb.begin(instance_id, lease_ttl=3600)
 
 
 def _completed_at(sb: Any, instance_id: str) -> float:

@@ -39,10 +39,14 @@ def command(ctx: Context) -> int:
         options["speed"] = ctx.args.speed
     if ctx.args.scenario:
         options["scenarios"] = list(ctx.args.scenario)
-    try:
-        from busy_guard.sandbox.demo import run_demo  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
+    from busy_guard.sandbox.environment import sandbox_environment  # noqa: PLC0415 - no moto needed
 
-        return int(run_demo(**options, out=sys.stdout))
+    try:
+        # Entered before the import: the X-Ray SDK reads the AWS configuration as it loads.
+        with sandbox_environment():
+            from busy_guard.sandbox.demo import run_demo  # noqa: PLC0415
+
+            return int(run_demo(**options, out=sys.stdout))
     except ModuleNotFoundError as error:
         missing = error.name or ""
         if missing.split(".")[0] not in SANDBOX_MODULES:

@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import math
-import os
 import time
 import traceback
 import warnings
@@ -247,21 +246,8 @@ class _World:
         return outcome
 
     def _begin(self, instance_id: str, kind: str) -> LeaseHandle | None:
-        # The writer's heartbeat thread waits in real seconds, and this demo's seconds are simulated
-        # (a ManualClock: a 25-minute operation passes in about a second), so a real-time thread would
-        # renew at random simulated moments and the outcome would depend on the machine's speed. The
-        # thread gets an interval it never reaches while the demo runs, and ``_renew`` makes the
-        # renewals once per simulated minute through the very method the thread calls
-        # (``_Writer.heartbeat``): the same UpdateItem on the same clock, at repeatable times.
-        lease = begin_destructive_op_sync(
-            instance_id,
-            kind,
-            table=self.sb.table_name,
-            client=self.sb.dynamodb,
-            clock=self.clock,
-            heartbeat_interval=LEASE_TTL - 1,
-            lease_ttl=LEASE_TTL,
-        )
+        # Renewed once per simulated minute by ``_renew`` (see ``Sandbox.writer_options``).
+        lease = begin_destructive_op_sync(instance_id, kind, **self.sb.writer_options(LEASE_TTL))
         if lease is not None:
             self._all.append(lease)
         return lease
@@ -269,7 +255,7 @@ class _World:
     def _renew(self) -> int:
         renewed = 0
         for lease_id, lease in list(self._running.items()):
-            if lease._writer.heartbeat(lease):
+            if self.sb.renew(lease):
                 renewed += 1
             else:
                 del self._running[lease_id]
@@ -894,22 +880,12 @@ def _find(name: str) -> _Scenario:
     raise ValueError(f"no scenario {name!r}; choose from {', '.join(SCENARIOS)} (or 1-{len(_SCENARIOS)})")
 
 
-# Variables that would point boto3 at a real account, a profile or an endpoint: the sandbox needs none.
-_AWS_VARIABLES_TO_DROP = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_SECURITY_TOKEN")
-
-
 @contextlib.contextmanager
 def _demo_environment() -> Iterator[_Captured]:
-    """No AWS configuration of the developer's leaks in; the guard's JSON logs below WARNING and its
-    "no metrics" warnings stay out of the output. Warnings and errors are captured into the
-    timeline (and an error fails the scenario), never dropped."""
+    """The guard's JSON logs below WARNING and its "no metrics" warnings stay out of the output
+    (the sandbox itself keeps the developer's AWS configuration out). Warnings and errors are
+    captured into the timeline (and an error fails the scenario), never dropped."""
     captured = _Captured()
-    saved = {name: os.environ.get(name) for name in os.environ if _drop(name)}
-    saved.update({name: os.environ.get(name) for name in _ISOLATION})
-    for name in list(os.environ):
-        if _drop(name):
-            del os.environ[name]
-    os.environ.update(_ISOLATION)
     handler = guard_logger.registered_handler
     level = guard_logger.log_level
     old_stream = handler.setStream(captured.guard) if isinstance(handler, logging.StreamHandler) else None
@@ -928,19 +904,3 @@ def _demo_environment() -> Iterator[_Captured]:
         if old_stream is not None and isinstance(handler, logging.StreamHandler):
             handler.setStream(old_stream)
         writer_logger.removeHandler(writer_handler)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-_ISOLATION = {
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-}
-
-
-def _drop(name: str) -> bool:
-    return name in _AWS_VARIABLES_TO_DROP or name.startswith("AWS_ENDPOINT_URL_")

@@ -9,9 +9,9 @@ tests, the benchmarks and ``busy-guard demo``. Import it only where moto is inst
 
 from __future__ import annotations
 
-import os
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +23,9 @@ import boto3
 from busy_guard import schema
 from busy_guard.guard import handler as guard_handler
 from busy_guard.guard.config import GuardConfig
+from busy_guard.sandbox.environment import REGION, sandbox_environment
 from busy_guard.sandbox.hooks import LifecycleHookEmulator
+from busy_guard.writer import LeaseHandle, WriterOptions, begin_destructive_op_sync, end_destructive_op_sync
 
 if TYPE_CHECKING:
     from mypy_boto3_autoscaling import AutoScalingClient
@@ -31,24 +33,10 @@ if TYPE_CHECKING:
     from mypy_boto3_dynamodbstreams import DynamoDBStreamsClient
     from mypy_boto3_ec2 import EC2Client
 
-REGION = "us-east-1"
 ACCOUNT = "123456789012"
 TABLE = "busy_guard.instance_busy"
 HOOK = "busy-guard"
 MOTO_EXAMPLE_AMI = "ami-12c6146b"
-# Local runs never talk to AWS: fake credentials, and Powertools without an X-Ray daemon.
-_SANDBOX_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": REGION,
-    "AWS_REGION": REGION,
-    "POWERTOOLS_TRACE_DISABLED": "true",
-    # moto's default AMI catalogue costs seconds to load and serialize; one example AMI is enough.
-    "MOTO_EC2_LOAD_DEFAULT_AMIS": "false",
-    "POWERTOOLS_SERVICE_NAME": "busy-guard",
-    "POWERTOOLS_METRICS_NAMESPACE": "BusyGuard",
-}
 
 
 @dataclass
@@ -124,7 +112,7 @@ class Sandbox:
 
         settings = settings or SandboxSettings()
         with ExitStack() as stack:
-            stack.enter_context(_environment({**_SANDBOX_ENV, **settings.guard_env()}))
+            stack.enter_context(sandbox_environment(settings.guard_env()))
             stack.enter_context(serialized_moto())
             stack.enter_context(mock_aws())
             sandbox = cls(settings, clock)
@@ -146,6 +134,39 @@ class Sandbox:
     @property
     def guard_config(self) -> GuardConfig:
         return self.guard.config
+
+    def writer_options(self, lease_ttl: float = 180.0) -> WriterOptions:
+        """Writer options for the sandbox's table, client and clock.
+
+        The lease's heartbeat thread waits in real seconds, while the sandbox's clock is simulated,
+        so a real-time thread would renew at random simulated moments. It gets an interval it never
+        reaches (one second less than the TTL); callers renew with :meth:`renew`, the very method the
+        thread calls, at repeatable simulated times."""
+        return {
+            "table": self.table_name,
+            "client": self.dynamodb,
+            "clock": self.clock,
+            "lease_ttl": lease_ttl,
+            "heartbeat_interval": lease_ttl - 1,
+        }
+
+    def begin(
+        self, instance_id: str, kind: str = "bulk_table_insert", *, lease_ttl: float = 180.0
+    ) -> LeaseHandle:
+        """A real writer lease (see :meth:`writer_options`); raises if the writer took none."""
+        lease = begin_destructive_op_sync(instance_id, kind, **self.writer_options(lease_ttl))
+        if lease is None:
+            raise RuntimeError(f"the writer took no lease on {instance_id}: see its log")
+        return lease
+
+    @staticmethod
+    def renew(lease: LeaseHandle) -> bool:
+        """Renew now, exactly as the lease's heartbeat thread does at each interval."""
+        return lease._writer.heartbeat(lease)
+
+    @staticmethod
+    def end(lease: LeaseHandle) -> None:
+        end_destructive_op_sync(lease.instance_id, lease)
 
     # --- the three triggers --------------------------------------------------------------------------
     def invoke(self, event: Any, kind: str = "event") -> dict[str, Any]:
@@ -229,6 +250,37 @@ class Sandbox:
                 )
 
 
+class AwsCallCounter:
+    """The AWS calls made through some clients, by operation: botocore's ``before-call`` fires once
+    per API call, whatever retries happen underneath. Thread-safe: the tick's workers call at once."""
+
+    def __init__(self, *clients: Any) -> None:
+        self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._id = f"busy-guard-call-counter-{uuid.uuid4()}"
+        self._clients = clients
+        for client in clients:
+            client.meta.events.register("before-call.*.*", self._count, unique_id=self._id)
+
+    @classmethod
+    def of_guard(cls, sandbox: Sandbox) -> AwsCallCounter:
+        return cls(sandbox.guard.table.client, sandbox.guard.hooks.client)
+
+    def _count(self, model: Any, **_: Any) -> None:
+        with self._lock:
+            self.counts[model.name] += 1
+
+    def take(self) -> Counter[str]:
+        """The counts since the last take, and start again."""
+        with self._lock:
+            taken, self.counts = self.counts, Counter()
+        return taken
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.meta.events.unregister("before-call.*.*", unique_id=self._id)
+
+
 def scheduled_event(now: float) -> dict[str, Any]:
     return {
         "version": "0",
@@ -308,17 +360,3 @@ def serialized_moto() -> Iterator[None]:
         yield
     finally:
         BotocoreStubber.process_request = original  # type: ignore[method-assign]
-
-
-@contextmanager
-def _environment(values: Mapping[str, str]) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
