@@ -395,3 +395,32 @@ def test_warm_pool_return_is_guarded_and_the_instance_works_again(
     assert item.draining is not None and item.draining.since == clock()  # a fresh wait
     assert len(completions(sandbox, instance)) == 1
     Sandbox.end(second)
+
+
+def test_a_heartbeat_in_the_same_second_defeats_a_stale_claim(sandbox: Sandbox, clock: ManualClock) -> None:
+    """The release is conditioned on the state it was decided on. The writer's timestamp has whole
+    seconds; the lease's expiry does not, so a renewal right after the guard's read is still seen."""
+    instance = sandbox.instances(GROUP)[0]
+    quiet = sandbox.begin(instance, "sec_staging", lease_ttl=180)  # its process stops renewing
+    other = sandbox.begin(instance, "bulk_table_insert", lease_ttl=3600)
+    sandbox.terminate(instance)
+    clock.advance(211.1)
+    Sandbox.end(other)  # the writer's timestamp is now this second
+    clock.advance(0.1)
+    seen = sandbox.guard.table.get(instance)  # the guard's read: only an expired lease is left
+    clock.advance(0.4)
+    assert sandbox.renew(quiet)  # ...but its writer was alive after all, in the same second
+    assert sandbox.item(instance).last_op_at_raw == seen.last_op_at_raw
+    assert seen.draining is not None
+    claimed, current = sandbox.guard.table.release(
+        instance,
+        schema.Released(at=clock(), reason="stale", by="test"),
+        ttl=clock() + 60,
+        draining_since=seen.draining.since,
+        unchanged=seen,
+    )
+    assert not claimed
+    assert current.draining is not None and current.leases[0].expires_at == clock() + 180
+    sandbox.tick()  # the guard decides on the fresh state: busy again
+    assert completions(sandbox, instance) == []
+    Sandbox.end(quiet)

@@ -496,20 +496,24 @@ def release_if_idle_update(released: Released, *, ttl: float, not_before: float)
     }
 
 
+# Beyond this many leases the claim checks only the writer's timestamp (expressions are bounded).
+MAX_CHECKED_LEASES = 20
+
+
 def release_update(
     released: Released,
     *,
     ttl: float,
     draining_since: float | None,
-    last_op_at_raw: str | None = None,
-    check_last_op: bool = False,
+    unchanged: BusyState | None = None,
 ) -> UpdateRequest:
     """Move the mark from ``draining`` to ``released`` (with its TTL).
 
     ``draining_since`` makes it a claim on one particular wait: of two concurrent triggers only one
-    succeeds, and a release never lands on a newer termination. With ``check_last_op`` it also
-    requires that no writer has touched the item since the state the decision was made on.
-    ``draining_since=None`` is the operator's unconditional override.
+    succeeds, and a release never lands on a newer termination. ``unchanged`` is the state the
+    decision was made on: the claim also requires that no writer touched the item since (its
+    timestamp, and each lease's expiry, which a heartbeat renews with sub-second precision, where
+    the timestamp has whole seconds). ``draining_since=None`` is the operator's unconditional override.
     """
     names: dict[str, str] = {"#released": RELEASED, "#ttl": TTL, "#draining": DRAINING}
     values: dict[str, Any] = {":released": released_value(released), ":ttl": num(ttl)}
@@ -518,13 +522,19 @@ def release_update(
         names["#since"] = SINCE
         values[":since"] = num(draining_since)
         conditions.append("#draining.#since = :since")
-    if check_last_op:
+    if unchanged is not None:
         names["#last_at"] = LAST_OP_AT
-        if last_op_at_raw is None:
+        if unchanged.last_op_at_raw is None:
             conditions.append("attribute_not_exists(#last_at)")
         else:
-            values[":last_at"] = string(last_op_at_raw)
+            values[":last_at"] = string(unchanged.last_op_at_raw)
             conditions.append("#last_at = :last_at")
+        if 0 < len(unchanged.leases) <= MAX_CHECKED_LEASES:
+            names.update({"#leases": LEASES, "#exp": EXPIRES_AT})
+            for n, lease in enumerate(unchanged.leases):
+                names[f"#l{n}"] = lease.lease_id
+                values[f":exp{n}"] = num(lease.expires_at)
+                conditions.append(f"#leases.#l{n}.#exp = :exp{n}")
     request: UpdateRequest = {
         "UpdateExpression": "SET #released = :released, #ttl = :ttl REMOVE #draining",
         "ExpressionAttributeNames": names,

@@ -210,8 +210,9 @@ class Guard:
                     self._released(now, decision.reason),
                     ttl=now + self._config.released_ttl,
                     draining_since=since if since > 0 else None,
-                    last_op_at_raw=state.last_op_at_raw,
-                    check_last_op=decision.reason is not Reason.MAX_WAIT_EXCEEDED,
+                    # max_wait ends the wait whatever writers do; any other release needs the
+                    # state it was decided on to be the item's state still.
+                    unchanged=None if decision.reason is Reason.MAX_WAIT_EXCEEDED else state,
                 )
             except TableUnavailableError as error:
                 if decision.reason is Reason.MAX_WAIT_EXCEEDED:

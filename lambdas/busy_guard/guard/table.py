@@ -56,8 +56,7 @@ class BusyTable:
         *,
         ttl: float,
         draining_since: float | None,
-        last_op_at_raw: str | None = None,
-        check_last_op: bool = False,
+        unchanged: BusyState | None = None,
     ) -> tuple[bool, BusyState]:
         """Move ``draining`` to ``released``. (False, current state) when the condition failed:
         another trigger released it first, or a writer changed the item since the decision."""
@@ -65,8 +64,7 @@ class BusyTable:
             released,
             ttl=ttl,
             draining_since=draining_since,
-            last_op_at_raw=last_op_at_raw,
-            check_last_op=check_last_op,
+            unchanged=unchanged,
         )
         return self._conditional(instance_id, request)
 
