@@ -640,8 +640,8 @@ ITEM_CORPUS = [
         "already_done",
         "",
     ),
-    ItemCase(
-        "legacy_leases_not_a_set", lambda now: {"active_leases": {"S": "x"}}, "completed", "not a string set"
+    ItemCase(  # work of unknown age is not "no work": held, like a legacy marker without a time
+        "legacy_leases_not_a_set", lambda now: {"active_leases": {"S": "x"}}, "waiting", "not a string set"
     ),
     ItemCase(
         "legacy_lease_without_time",

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from busy_guard.decision import Action, DecisionConfig, Reason, StateUnavailable, decide
-from busy_guard.schema import BusyState, Draining, Lease, LegacyLease
+from busy_guard.schema import BusyState, Draining, Lease, LegacyLease, iso, parse_item
 
 NOW = 1_800_000_000.0
 CONFIG = DecisionConfig()
@@ -97,6 +97,22 @@ def test_legacy_active_leases_judged_by_newest_start() -> None:
     )
     stale = decide(BusyState("i-1", exists=True, legacy_leases=(old,)), CONFIG, NOW)
     assert (stale.reason, stale.stale_markers) == (Reason.STALE, 1)
+
+
+@pytest.mark.parametrize(
+    ("attributes", "age", "expected"),
+    [
+        ({"active_destructive_ops": {"S": "3"}}, 60.0, Reason.BUSY),
+        ({"active_destructive_ops": {"S": "3"}}, 7 * 3600.0, Reason.STALE),
+        ({"active_leases": {"L": [{"S": "x"}]}}, 60.0, Reason.BUSY),
+        ({"active_leases": {"S": "x"}}, 7 * 3600.0, Reason.STALE),
+    ],
+)
+def test_an_unreadable_counter_or_legacy_set_is_work_of_unknown_age(
+    attributes: dict[str, object], age: float, expected: Reason
+) -> None:
+    item = {"instance_id": {"S": "i-1"}, "last_destructive_op_at": {"S": iso(NOW - age)}, **attributes}
+    assert decide(parse_item(item), CONFIG, NOW).reason is expected
 
 
 def test_corrupt_lease_is_judged_like_a_legacy_marker() -> None:

@@ -250,7 +250,10 @@ def test_legacy_active_leases_string_set() -> None:
 def test_legacy_active_leases_of_the_wrong_type(value: Any) -> None:
     state = parse_item(item(active_leases=value))
     assert state.legacy_leases == ()
-    assert state.problems == ("active_leases is not a string set",)
+    assert state.problems == (
+        "active_leases is not a string set: judged like a legacy marker, by last_destructive_op_at",
+    )
+    assert state.untracked_ops == 1  # work of unknown age, not "no work"
 
 
 # --- draining and released ------------------------------------------------------------------------

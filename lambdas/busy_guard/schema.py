@@ -102,6 +102,8 @@ class BusyState:
     exists: bool = False
     leases: tuple[Lease, ...] = ()
     corrupt_leases: int = 0
+    # A counter or legacy lease set present but unreadable: work of unknown age, not "no work".
+    unreadable_markers: int = 0
     counter: int | None = None
     last_op_at: float | None = None
     last_op_at_raw: str | None = None
@@ -121,8 +123,8 @@ class BusyState:
         Negative means the counter is below the lease count: harmless, reported as a problem.
         """
         if self.counter is None:
-            return self.corrupt_leases
-        return max(self.counter - len(self.leases), self.corrupt_leases)
+            return self.corrupt_leases + self.unreadable_markers
+        return max(self.counter - len(self.leases), self.corrupt_leases) + self.unreadable_markers
 
     @property
     def is_draining(self) -> bool:
@@ -153,6 +155,9 @@ def parse_item(item: Item | None, instance_id: str = "") -> BusyState:
 
     leases, corrupt = _parse_leases(item.get(LEASES), problems)
     counter = _parse_counter(item.get(COUNTER), problems)
+    legacy_leases = _parse_legacy_leases(item.get(LEGACY_LEASES), problems)
+    unreadable = int(item.get(COUNTER) is not None and counter is None)
+    unreadable += int(item.get(LEGACY_LEASES) is not None and not legacy_leases)
     last_raw = _string(item.get(LAST_OP_AT))
     last_at = parse_iso(last_raw) if last_raw is not None else None
     if last_raw is not None and last_at is None:
@@ -174,7 +179,8 @@ def parse_item(item: Item | None, instance_id: str = "") -> BusyState:
         draining=_parse_draining(item.get(DRAINING), problems),
         released=_parse_released(item.get(RELEASED), problems),
         expires_at=_number(item.get(TTL)),
-        legacy_leases=_parse_legacy_leases(item.get(LEGACY_LEASES), problems),
+        legacy_leases=legacy_leases,
+        unreadable_markers=unreadable,
         problems=tuple(problems),
     )
 
@@ -216,7 +222,7 @@ def _parse_counter(value: Any, problems: list[str]) -> int | None:
         return None
     number = _number(value)
     if number is None:
-        problems.append(f"{COUNTER} is not a number")
+        problems.append(f"{COUNTER} is not a number: judged like a legacy marker, by {LAST_OP_AT}")
         return None
     return int(number)
 
@@ -254,7 +260,7 @@ def _parse_legacy_leases(value: Any, problems: list[str]) -> tuple[LegacyLease, 
         return ()
     entries = value.get("SS") if isinstance(value, Mapping) else None
     if not isinstance(entries, list):
-        problems.append(f"{LEGACY_LEASES} is not a string set")
+        problems.append(f"{LEGACY_LEASES} is not a string set: judged like a legacy marker, by {LAST_OP_AT}")
         return ()
     parsed: list[LegacyLease] = []
     for raw in entries:
