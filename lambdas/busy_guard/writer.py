@@ -14,7 +14,6 @@ is draining (``InstanceDrainingError``, or a warning with ``on_draining="warn"``
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
@@ -58,6 +57,8 @@ CLIENT_CONFIG = Config(
     read_timeout=0.5,
     retries={"total_max_attempts": 2, "mode": "standard"},
 )
+# Longer than one heartbeat call can take with CLIENT_CONFIG (two 0.5 s attempts and a backoff).
+HEARTBEAT_JOIN_TIMEOUT = 2.0
 # Begin needs at most: add to the map, create the map, add again (lost a race to create it).
 _BEGIN_TRIES = 3
 
@@ -115,30 +116,13 @@ class LeaseHandle:
     _writer: _Writer = field(repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
-    _task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
     def heartbeat_running(self) -> bool:
-        if self._task is not None:
-            return not self._task.done()
         return self._thread is not None and self._thread.is_alive()
 
     def _stop_heartbeat(self) -> None:
         self._stop.set()
-        task = self._task
-        if task is None or task.done():
-            return
-        try:
-            same_loop = asyncio.get_running_loop() is task.get_loop()
-        except RuntimeError:
-            same_loop = False
-        if same_loop:
-            task.cancel()
-            return
-        # Ended from a worker thread, sync code or another loop. If that loop is closed the task
-        # will never run again anyway.
-        with contextlib.suppress(RuntimeError):
-            task.get_loop().call_soon_threadsafe(task.cancel)
 
 
 class _Refused(Exception):
@@ -381,6 +365,10 @@ class _Writer:
     def end(self, handle: LeaseHandle) -> None:
         """Stop the heartbeat and remove the lease. Never raises."""
         handle._stop_heartbeat()
+        thread = handle._thread
+        if thread is not None and thread is not threading.current_thread():
+            # A renewal in flight is bounded by the client's timeouts: let it land before the end.
+            thread.join(timeout=HEARTBEAT_JOIN_TIMEOUT)
         request = schema.end_update(handle.lease_id, kind=handle.kind, now=self.clock())
         try:
             self._update(handle.instance_id, request)
@@ -421,17 +409,6 @@ class _Writer:
             target=run, name=f"busy-guard-heartbeat-{handle.lease_id[:8]}", daemon=True
         )
         handle._thread.start()
-
-    def start_task(self, handle: LeaseHandle) -> None:
-        async def run() -> None:
-            while True:
-                await asyncio.sleep(self.heartbeat_interval)
-                if handle._stop.is_set() or not await asyncio.to_thread(self.heartbeat, handle):
-                    return
-
-        handle._task = asyncio.get_running_loop().create_task(
-            run(), name=f"busy-guard-heartbeat-{handle.lease_id[:8]}"
-        )
 
 
 class _AbandonableBegin:
@@ -493,7 +470,11 @@ async def begin_destructive_op(
     op_kind: str = OP_KIND_MATERIALIZATION,
     **options: Unpack[WriterOptions],
 ) -> LeaseHandle | None:
-    """Take a lease for an operation on this instance and start its heartbeat task.
+    """Take a lease for an operation on this instance and start its heartbeat.
+
+    The heartbeat is a daemon thread here too, not an asyncio task: a body that blocks the event
+    loop, or fills its default executor, must never starve the renewals and make live work look
+    stale to the guard.
 
     Returns the handle to pass to ``end_destructive_op``, or None when no lease was taken: an
     empty or unknown instance id, no table name configured (logged as an error once: a config bug,
@@ -509,7 +490,7 @@ async def begin_destructive_op(
         begin.abandon()
         raise
     if handle is not None:
-        writer.start_task(handle)
+        writer.start_thread(handle)
     return handle
 
 
@@ -521,10 +502,7 @@ async def end_destructive_op(instance_id: str | None, lease: LeaseHandle | None)
     if not _endable(lease, instance_id):
         return
     lease._stop_heartbeat()
-    task = lease._task
     await asyncio.to_thread(lease._writer.end, lease)
-    if task is not None and task.get_loop() is asyncio.get_running_loop():
-        await asyncio.wait([task])  # unlike awaiting it, never turns its cancellation into ours
 
 
 def begin_destructive_op_sync(
