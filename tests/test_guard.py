@@ -424,3 +424,19 @@ def test_a_heartbeat_in_the_same_second_defeats_a_stale_claim(sandbox: Sandbox, 
     sandbox.tick()  # the guard decides on the fresh state: busy again
     assert completions(sandbox, instance) == []
     Sandbox.end(quiet)
+
+
+def test_a_guard_never_lets_go_of_another_guards_instance(clock: ManualClock) -> None:
+    """Two stacks may share one table: each guard's tick only ever acts on its own groups."""
+    settings = SandboxSettings(groups={"team-a": 1, "team-b": 1}, env={"BUSY_GUARD_ASG_NAMES": "team-a"})
+    with Sandbox.start(settings, clock=clock) as sb:
+        [theirs] = sb.instances("team-b")
+        lease = sb.begin(theirs, lease_ttl=3600)
+        sb.terminate(theirs, deliver=False)  # guard B's event, not ours
+        sb.guard.table.mark_draining(theirs, schema.Draining(since=clock(), asg="team-b", hook="busy-guard"))
+        calls = AwsCallCounter.of_guard(sb)
+        run_ticks(sb, clock, 5 * 60, every=60)
+        item = sb.item(theirs)
+        assert item.draining is not None and item.released is None  # still guard B's to release
+        assert calls.take()["RecordLifecycleActionHeartbeat"] == 0
+        Sandbox.end(lease)

@@ -90,14 +90,7 @@ class RetryCompletion:
     target: Target
 
 
-@dataclass(frozen=True)
-class ReleaseGone:
-    """Draining, but no longer waiting on our hook: record it released, with its TTL."""
-
-    target: Target
-
-
-Work = Target | RetryCompletion | ReleaseGone
+Work = Target | RetryCompletion
 
 
 @dataclass
@@ -285,7 +278,10 @@ class Guard:
             draining = {
                 instance_id: state
                 for instance_id, state in self._table.draining_items().items()
-                if state.draining is not None and state.draining.hook in ("", self._hooks.hook_name)
+                # Only our groups: another guard may share the table, and only it may let go.
+                if state.draining is not None
+                and state.draining.asg in self._config.asg_names
+                and state.draining.hook in ("", self._hooks.hook_name)
             }
         except TableUnavailableError as error:
             report.errors.append(str(error))
@@ -334,16 +330,14 @@ class Guard:
                     finished.append(Outcome(target, Step.SKIPPED, detail="waiting on another hook"))
                 continue
             work.append(target)
-        grace = 2 * self._config.reconcile_interval
         for instance_id, state in known.items():
             if instance_id in waiting:
                 continue
+            # Not in the listing: gone, or marked by an event after we listed. Looked at like any
+            # other: Auto Scaling's "no active action" on the heartbeat or the completion is the
+            # only proof that the wait is over, and then the mark is recorded as released.
             assert state.draining is not None
-            target = Target(instance_id, state.draining.asg, Trigger.SCHEDULE, known=state)
-            if now - state.draining.since > grace:
-                work.append(ReleaseGone(target))
-            else:
-                work.append(target)  # marked by an event after our listing: look normally
+            work.append(Target(instance_id, state.draining.asg, Trigger.SCHEDULE, known=state))
         return work, finished
 
     def _run_one(self, item: Work) -> Outcome:
@@ -352,11 +346,8 @@ class Guard:
         target, now = item.target, self._clock()
         state = target.known or BusyState(target.instance_id)
         with _log_keys(target):
-            if isinstance(item, ReleaseGone):
-                outcome = self._release_gone(target, state, now, "instance no longer waiting on our hook")
-            else:
-                outcome = self._complete(target, _recorded_decision(state, self._config), now, now, state)
-                self._confirm(target, state, now)
+            outcome = self._complete(target, _recorded_decision(state, self._config), now, now, state)
+            self._confirm(target, state, now)
             logger.info(
                 f"{target.instance_id}: {outcome.step}", step=str(outcome.step), detail=outcome.detail
             )
