@@ -440,3 +440,52 @@ def test_a_guard_never_lets_go_of_another_guards_instance(clock: ManualClock) ->
         assert item.draining is not None and item.released is None  # still guard B's to release
         assert calls.take()["RecordLifecycleActionHeartbeat"] == 0
         Sandbox.end(lease)
+
+
+def test_a_warm_instance_back_without_a_reboot_works_again_after_one_tick(
+    sandbox: Sandbox, clock: ManualClock
+) -> None:
+    """A Running (or Hibernated) warm pool returns the instance with the same boot time, so the
+    writer's boot-time rule can't tell the old release mark apart: the tick clears it once the
+    instance is InService again."""
+    from busy_guard.writer import InstanceDrainingError
+
+    instance = sandbox.instances(GROUP)[0]
+    sandbox.terminate(instance, destination="WarmPool")
+    assert completions(sandbox, instance) == [("CONTINUE", "guard")]
+    clock.advance(600)
+    sandbox.emulator.relaunch(instance)
+    with pytest.raises(InstanceDrainingError):
+        sandbox.begin(instance)  # the mark of the finished termination still refuses work...
+    clock.advance(60)
+    sandbox.tick()
+    item = sandbox.item(instance)
+    assert item.released is None and item.expires_at is None  # ...until the next tick sees it InService
+    Sandbox.end(sandbox.begin(instance))
+
+
+def test_a_release_mark_is_kept_while_the_instance_still_terminates(clock: ManualClock) -> None:
+    settings = SandboxSettings(extra_hooks=("someone-elses-hook",))
+    with Sandbox.start(settings, clock=clock) as sb:
+        instance = sb.instances(GROUP)[0]
+        sb.terminate(instance)
+        run_ticks(sb, clock, 300, every=60)
+        assert sb.emulator.state(instance) == "Terminating:Wait"
+        assert sb.item(instance).released is not None  # not in service: the mark stays
+
+
+def test_a_late_event_for_a_live_instance_blocks_its_work_for_one_tick_at_most(
+    sandbox: Sandbox, clock: ManualClock
+) -> None:
+    instance = sandbox.instances(GROUP)[0]
+    [event] = sandbox.terminate(instance, destination="WarmPool", deliver=False)
+    clock.advance(sandbox.guard_config.heartbeat_timeout + 1)
+    sandbox.emulator.apply_timeouts()  # nobody answered: the hook's default result
+    sandbox.emulator.relaunch(instance)
+    clock.advance(60)
+    result = sandbox.invoke(event)  # EventBridge delivers the old event now
+    assert result["outcomes"][0]["step"] == "already_done"
+    clock.advance(60)
+    sandbox.tick()
+    assert sandbox.item(instance).released is None
+    Sandbox.end(sandbox.begin(instance))

@@ -570,6 +570,18 @@ def confirm_release_update(released_at: float, *, now: float) -> UpdateRequest:
     }
 
 
+def clear_release_update(released_at: float) -> UpdateRequest:
+    """Remove the release mark (and its TTL) of an instance that is back in service: a warm-pool
+    instance that did not reboot, or a late event's mark on a live instance, must not keep
+    refusing work. Only that very mark, and never while a termination is draining it."""
+    return {
+        "UpdateExpression": "REMOVE #released, #ttl",
+        "ConditionExpression": "attribute_not_exists(#draining) AND #released.#at = :at",
+        "ExpressionAttributeNames": {"#released": RELEASED, "#ttl": TTL, "#draining": DRAINING, "#at": AT},
+        "ExpressionAttributeValues": {":at": num(released_at)},
+    }
+
+
 # --- the stream filter ---------------------------------------------------------------------------
 def stream_filter_pattern() -> dict[str, Any]:
     """Lambda event-source filter: only "the last lease of a draining instance just ended".

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 ADOPTABLE_STATES = frozenset({"Terminating:Wait", "Warmed:Terminating:Wait"})
 WARM_POOL_RETURN_STATE = "Warmed:Pending:Wait"
 WAITING_STATES = ADOPTABLE_STATES | {WARM_POOL_RETURN_STATE}
+IN_SERVICE = "InService"
 NO_ACTIVE_ACTION = "No active Lifecycle Action found"
 # Throttling and ResourceContention are the two Auto Scaling asks callers to retry with backoff.
 RETRYABLE_CODES = frozenset(
@@ -35,7 +36,7 @@ DESCRIBE_PAGE = 50  # DescribeAutoScalingGroups accepts at most 50 names a call
 T = TypeVar("T")
 
 
-class WaitingInstance(NamedTuple):
+class GroupInstance(NamedTuple):
     asg: str
     lifecycle_state: str
 
@@ -89,29 +90,33 @@ class LifecycleHooks:
             ),
         )
 
-    def waiting_instances(self, asg_names: Iterable[str]) -> dict[str, WaitingInstance]:
-        """Every instance of the named groups in a wait a terminating hook may be behind.
+    def waiting_instances(self, asg_names: Iterable[str]) -> dict[str, GroupInstance]:
+        """Every instance of the named groups in a wait a terminating hook may be behind."""
+        return {
+            i: w for i, w in self.group_instances(asg_names).items() if w.lifecycle_state in WAITING_STATES
+        }
+
+    def group_instances(self, asg_names: Iterable[str]) -> dict[str, GroupInstance]:
+        """Every instance of the named groups, with its lifecycle state.
 
         One DescribeAutoScalingGroups call per 50 groups (per page), never a call per instance.
         """
         names = list(dict.fromkeys(asg_names))
-        waiting: dict[str, WaitingInstance] = {}
+        found: dict[str, GroupInstance] = {}
         for start in range(0, len(names), DESCRIBE_PAGE):
             kwargs: dict[str, Any] = {"AutoScalingGroupNames": names[start : start + DESCRIBE_PAGE]}
             while True:
                 page = self._describe_page(kwargs)
                 for group in page.get("AutoScalingGroups", []):
                     for instance in group.get("Instances", []):
-                        state = instance.get("LifecycleState", "")
-                        if state in WAITING_STATES:
-                            waiting[instance["InstanceId"]] = WaitingInstance(
-                                group["AutoScalingGroupName"], state
-                            )
+                        found[instance["InstanceId"]] = GroupInstance(
+                            group["AutoScalingGroupName"], instance.get("LifecycleState", "")
+                        )
                 token = page.get("NextToken")
                 if not token:
                     break
                 kwargs = {**kwargs, "NextToken": token}
-        return waiting
+        return found
 
     def _describe_page(self, kwargs: dict[str, Any]) -> Any:
         try:

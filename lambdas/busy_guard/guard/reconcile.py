@@ -26,10 +26,12 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from busy_guard.decision import Action, Decision, Reason, StateUnavailable, decide
 from busy_guard.guard.autoscaling import (
+    IN_SERVICE,
+    WAITING_STATES,
     AutoScalingUnavailableError,
+    GroupInstance,
     HookResult,
     LifecycleHooks,
-    WaitingInstance,
 )
 from busy_guard.guard.config import GuardConfig
 from busy_guard.guard.observability import logger
@@ -268,16 +270,20 @@ class Guard:
         """Look at every instance waiting on our hook and every item we are waiting on."""
         now = self._clock()
         report = TickReport()
-        waiting: dict[str, WaitingInstance] | None = None
+        instances: dict[str, GroupInstance] | None = None
+        waiting: dict[str, GroupInstance] | None = None
+        marked: dict[str, BusyState] = {}
         draining: dict[str, BusyState] | None = None
         try:
-            waiting = self._hooks.waiting_instances(self._config.asg_names)
+            instances = self._hooks.group_instances(self._config.asg_names)
+            waiting = {i: w for i, w in instances.items() if w.lifecycle_state in WAITING_STATES}
         except (AutoScalingUnavailableError, ClientError, BotoCoreError) as error:
             report.errors.append(f"listing waiting instances failed: {error}")
         try:
+            marked = self._table.marked_items()
             draining = {
                 instance_id: state
-                for instance_id, state in self._table.draining_items().items()
+                for instance_id, state in marked.items()
                 # Only our groups: another guard may share the table, and only it may let go.
                 if state.draining is not None
                 and state.draining.asg in self._config.asg_names
@@ -288,13 +294,33 @@ class Guard:
         for message in report.errors:
             logger.error(message)
 
+        self._clear_releases_of_instances_in_service(now, instances or {}, marked)
         targets, finished = self._plan(now, waiting, draining)
         report.outcomes.extend(finished)
         report.outcomes.extend(self._run_all(targets, report))
         return report
 
+    def _clear_releases_of_instances_in_service(
+        self, listed_at: float, instances: dict[str, GroupInstance], marked: dict[str, BusyState]
+    ) -> None:
+        """An instance InService in our listing is not terminating: a release mark older than the
+        listing is a finished termination (a warm-pool instance back without a reboot) or a late
+        event's, and must not keep its writers refusing work."""
+        for instance_id, state in marked.items():
+            instance = instances.get(instance_id)
+            released = state.released
+            if instance is None or instance.lifecycle_state != IN_SERVICE:
+                continue
+            if released is None or state.draining is not None or released.at >= listed_at:
+                continue
+            try:
+                if self._table.clear_release(instance_id, released.at):
+                    logger.info(f"{instance_id}: back in service; its release mark is cleared")
+            except TableUnavailableError as error:
+                logger.warning(f"{instance_id}: could not clear the release mark: {error}")
+
     def _plan(
-        self, now: float, waiting: dict[str, WaitingInstance] | None, draining: dict[str, BusyState] | None
+        self, now: float, waiting: dict[str, GroupInstance] | None, draining: dict[str, BusyState] | None
     ) -> tuple[list[Work], list[Outcome]]:
         work: list[Work] = []
         finished: list[Outcome] = []

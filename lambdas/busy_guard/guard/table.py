@@ -73,6 +73,11 @@ class BusyTable:
         done, _state = self._conditional(instance_id, schema.confirm_release_update(released_at, now=now))
         return done
 
+    def clear_release(self, instance_id: str, released_at: float) -> bool:
+        """Forget a release mark (the instance is back in service); False if the item moved on."""
+        done, _state = self._conditional(instance_id, schema.clear_release_update(released_at))
+        return done
+
     def get(self, instance_id: str) -> BusyState:
         response = self._call(
             "GetItem",
@@ -84,11 +89,15 @@ class BusyTable:
 
     def draining_items(self) -> dict[str, BusyState]:
         """Every item the guard is waiting on, one Scan page per MB of table."""
+        return {i: s for i, s in self.marked_items().items() if s.draining is not None}
+
+    def marked_items(self) -> dict[str, BusyState]:
+        """Every item marked draining or released, one Scan page per MB of table."""
         states: dict[str, BusyState] = {}
         kwargs: dict[str, Any] = {
             "TableName": self._table,
-            "FilterExpression": "attribute_exists(#draining)",
-            "ExpressionAttributeNames": {"#draining": schema.DRAINING},
+            "FilterExpression": "attribute_exists(#draining) OR attribute_exists(#released)",
+            "ExpressionAttributeNames": {"#draining": schema.DRAINING, "#released": schema.RELEASED},
         }
         while True:
             page = self._call("Scan", lambda: self.client.scan(**kwargs))
