@@ -4,11 +4,12 @@
         ...
 
 Every operation holds its own lease on the instance's item (DESIGN.md, "The table"), renewed by a
-background heartbeat while the body runs: an asyncio task for the async API, a daemon thread for
-the sync one. The library never blocks real work: a DynamoDB failure of any kind is logged and the
-body runs without a lease; the boto3 client has short timeouts and one retry, so a dead endpoint
-costs ``begin`` about a second. The one deliberate refusal is a new lease on an instance the guard
-is draining (``InstanceDrainingError``, or a warning with ``on_draining="warn"``).
+background heartbeat while the body runs: a daemon thread for the sync and the async API alike (a
+body that blocks the event loop must not starve it). The library never blocks real work: a
+DynamoDB failure of any kind is logged and the body runs without a lease; the boto3 client has
+short timeouts and one retry, so a dead endpoint costs ``begin`` about a second. The one
+deliberate refusal is a new lease on an instance the guard is draining (``InstanceDrainingError``,
+or a warning with ``on_draining="warn"``).
 """
 
 from __future__ import annotations
