@@ -489,3 +489,31 @@ def test_a_late_event_for_a_live_instance_blocks_its_work_for_one_tick_at_most(
     sandbox.tick()
     assert sandbox.item(instance).released is None
     Sandbox.end(sandbox.begin(instance))
+
+
+def test_a_crashed_writers_lease_is_pruned_so_the_stream_still_wakes_the_guard(
+    sandbox: Sandbox, clock: ManualClock
+) -> None:
+    instance = sandbox.instances(GROUP)[0]
+    orphan = sandbox.begin(instance, "sec_staging", lease_ttl=180)  # its process dies
+    clock.advance(600)
+    live = sandbox.begin(instance, "bulk_table_insert")  # a new process on the same instance
+    item = sandbox.item(instance)
+    assert [lease.lease_id for lease in item.leases] == [live.lease_id] and item.counter == 1
+    sandbox.terminate(instance)
+    Sandbox.end(live)
+    result = sandbox.pump_stream()  # the counter went 1 -> 0: the fast path fires
+    assert result is not None and result["outcomes"][0]["step"] == "completed"
+    assert completions(sandbox, instance) == [("CONTINUE", "guard")]
+    del orphan
+
+
+def test_a_lease_renewed_at_the_last_moment_is_not_pruned(sandbox: Sandbox, clock: ManualClock) -> None:
+    instance = sandbox.instances(GROUP)[0]
+    slow = sandbox.begin(instance, "sec_staging", lease_ttl=180)
+    clock.advance(600)
+    assert sandbox.renew(slow)  # late, but alive
+    other = sandbox.begin(instance, "bulk_table_insert")
+    assert {lease.lease_id for lease in sandbox.item(instance).leases} == {slow.lease_id, other.lease_id}
+    Sandbox.end(slow)
+    Sandbox.end(other)

@@ -390,6 +390,8 @@ def begin_update(lease: Lease, *, boot_time: float, create_map: bool) -> UpdateR
         "ConditionExpression": f"{map_clause} AND {_DRAIN_CLAUSE}",
         "ExpressionAttributeNames": names,
         "ExpressionAttributeValues": values,
+        # On success too: the writer prunes the leases of crashed processes it finds there.
+        "ReturnValues": "ALL_OLD",
         "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
     }
 
@@ -414,6 +416,24 @@ def end_update(lease_id: str, *, kind: str, now: float) -> UpdateRequest:
             ":now_iso": string(iso(now)),
             ":kind": string(kind),
         },
+    }
+
+
+def prune_lease_update(lease: Lease) -> UpdateRequest:
+    """Remove a crashed process's lease, and uncount it, only if nobody renewed it meanwhile.
+
+    Left in place, an orphan keeps the counter above zero for the instance's whole life, so the
+    stream's "last lease ended" never fires and every release waits for the schedule."""
+    return {
+        "UpdateExpression": "REMOVE #leases.#id ADD #count :minus_one",
+        "ConditionExpression": "#leases.#id.#exp = :exp",
+        "ExpressionAttributeNames": {
+            "#leases": LEASES,
+            "#id": lease.lease_id,
+            "#exp": EXPIRES_AT,
+            "#count": COUNTER,
+        },
+        "ExpressionAttributeValues": {":exp": num(lease.expires_at), ":minus_one": num(-1)},
     }
 
 

@@ -58,6 +58,10 @@ CLIENT_CONFIG = Config(
     read_timeout=0.5,
     retries={"total_max_attempts": 2, "mode": "standard"},
 )
+# A lease this long past its expiry belongs to a process that is gone: the guard has judged it
+# stale for minutes already. Begin removes up to this many such leases.
+ORPHAN_AFTER = 300.0
+MAX_PRUNED_PER_BEGIN = 10
 # Longer than one heartbeat call can take with CLIENT_CONFIG (two 0.5 s attempts and a backoff).
 HEARTBEAT_JOIN_TIMEOUT = 2.0
 # Begin needs at most: add to the map, create the map, add again (lost a race to create it).
@@ -237,9 +241,9 @@ class _Writer:
     def _client(self) -> DynamoDBClient:
         return self.client if self.client is not None else _shared_client(self.endpoint_url)
 
-    def _update(self, instance_id: str, request: schema.UpdateRequest) -> None:
+    def _update(self, instance_id: str, request: schema.UpdateRequest) -> Any:
         assert self.table is not None
-        self._client().update_item(TableName=self.table, Key=schema.key(instance_id), **request)
+        return self._client().update_item(TableName=self.table, Key=schema.key(instance_id), **request)
 
     # --- begin -----------------------------------------------------------------------------------
     def begin(self, instance_id: str | None, kind: str) -> LeaseHandle | None:
@@ -303,7 +307,9 @@ class _Writer:
         old: schema.Item = {}
         for _ in range(_BEGIN_TRIES):
             try:
-                self._update(instance_id, schema.begin_update(lease, boot_time=boot, create_map=create_map))
+                request = schema.begin_update(lease, boot_time=boot, create_map=create_map)
+                previous = self._update(instance_id, request).get("Attributes")
+                self._prune_orphans(instance_id, schema.parse_item(previous, instance_id), lease.started_at)
                 return True
             except ClientError as err:
                 code = _error_code(err)
@@ -330,6 +336,25 @@ class _Writer:
             "; ".join(schema.parse_item(old, instance_id).problems) or "none",
         )
         return False
+
+    def _prune_orphans(self, instance_id: str, state: schema.BusyState, now: float) -> None:
+        """Remove leases whose processes stopped renewing long ago (never a live one: the removal
+        is conditioned on the expiry this begin saw). Best effort; only when there are any."""
+        orphans = [lease for lease in state.leases if lease.expires_at + ORPHAN_AFTER < now]
+        for orphan in orphans[:MAX_PRUNED_PER_BEGIN]:
+            try:
+                self._update(instance_id, schema.prune_lease_update(orphan))
+                logger.info(
+                    "busy_guard: removed the expired lease %s (%s) of %s on %s",
+                    orphan.lease_id[:64],
+                    orphan.kind[:64],
+                    orphan.holder[:64],
+                    instance_id,
+                )
+            except Exception as err:  # renewed meanwhile, or DynamoDB trouble: leave it to expire
+                logger.debug(
+                    "busy_guard: expired lease %s not removed (%s)", orphan.lease_id[:64], _describe(err)
+                )
 
     # --- heartbeat and end ----------------------------------------------------------------------
     def heartbeat(self, handle: LeaseHandle) -> bool:
