@@ -363,11 +363,15 @@ def world() -> Iterator[World]:
         yield World(sb, clock)
 
 
+def _fresh_guard_without_retry_sleeps(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(botocore.endpoint, "time", types.SimpleNamespace(sleep=SKIPPED_SLEEPS.append))
+    world.fresh_guard()
+
+
 @pytest.fixture
 def guard_world(world: World, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     """The world with a fresh guard; botocore's retry sleeps are recorded, not slept."""
-    monkeypatch.setattr(botocore.endpoint, "time", types.SimpleNamespace(sleep=SKIPPED_SLEEPS.append))
-    world.fresh_guard()
+    _fresh_guard_without_retry_sleeps(world, monkeypatch)
     try:
         yield world
     finally:
@@ -377,8 +381,7 @@ def guard_world(world: World, monkeypatch: pytest.MonkeyPatch) -> Iterator[World
 @pytest.fixture
 def quick_world(world: World, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     """A fresh guard for calls that change nothing (every attempt fails): no settling needed."""
-    monkeypatch.setattr(botocore.endpoint, "time", types.SimpleNamespace(sleep=SKIPPED_SLEEPS.append))
-    world.fresh_guard()
+    _fresh_guard_without_retry_sleeps(world, monkeypatch)
     try:
         yield world
     finally:

@@ -41,6 +41,11 @@ class GroupInstance(NamedTuple):
     lifecycle_state: str
 
     @property
+    def waiting(self) -> bool:
+        """In a wait a terminating hook of ours may be behind."""
+        return self.lifecycle_state in WAITING_STATES
+
+    @property
     def adoptable(self) -> bool:
         """Certainly a terminating wait: the tick may adopt it without an event."""
         return self.lifecycle_state in ADOPTABLE_STATES
@@ -92,9 +97,7 @@ class LifecycleHooks:
 
     def waiting_instances(self, asg_names: Iterable[str]) -> dict[str, GroupInstance]:
         """Every instance of the named groups in a wait a terminating hook may be behind."""
-        return {
-            i: w for i, w in self.group_instances(asg_names).items() if w.lifecycle_state in WAITING_STATES
-        }
+        return {i: w for i, w in self.group_instances(asg_names).items() if w.waiting}
 
     def group_instances(self, asg_names: Iterable[str]) -> dict[str, GroupInstance]:
         """Every instance of the named groups, with its lifecycle state.

@@ -27,7 +27,6 @@ from botocore.exceptions import BotoCoreError, ClientError
 from busy_guard.decision import Action, Decision, Reason, StateUnavailable, decide
 from busy_guard.guard.autoscaling import (
     IN_SERVICE,
-    WAITING_STATES,
     AutoScalingUnavailableError,
     GroupInstance,
     HookResult,
@@ -276,7 +275,7 @@ class Guard:
         draining: dict[str, BusyState] | None = None
         try:
             instances = self._hooks.group_instances(self._config.asg_names)
-            waiting = {i: w for i, w in instances.items() if w.lifecycle_state in WAITING_STATES}
+            waiting = {i: w for i, w in instances.items() if w.waiting}
         except (AutoScalingUnavailableError, ClientError, BotoCoreError) as error:
             report.errors.append(f"listing waiting instances failed: {error}")
         try:
@@ -295,7 +294,8 @@ class Guard:
             logger.error(message)
 
         self._clear_releases_of_instances_in_service(now, instances or {}, marked)
-        targets, finished = self._plan(now, waiting, draining)
+        # Auto Scaling not listed: nothing to adopt, but every item we hold is still heartbeated.
+        targets, finished = self._plan(now, waiting or {}, draining)
         report.outcomes.extend(finished)
         report.outcomes.extend(self._run_all(targets, report))
         return report
@@ -320,18 +320,11 @@ class Guard:
                 logger.warning(f"{instance_id}: could not clear the release mark: {error}")
 
     def _plan(
-        self, now: float, waiting: dict[str, GroupInstance] | None, draining: dict[str, BusyState] | None
+        self, now: float, waiting: dict[str, GroupInstance], draining: dict[str, BusyState] | None
     ) -> tuple[list[Work], list[Outcome]]:
         work: list[Work] = []
         finished: list[Outcome] = []
         known = draining or {}
-        if waiting is None:
-            # Auto Scaling can't be listed: keep heartbeating what we know we are holding.
-            for instance_id, state in known.items():
-                assert state.draining is not None
-                work.append(Target(instance_id, state.draining.asg, Trigger.SCHEDULE, known=state))
-            return work, finished
-
         # Maybe a launch hook's wait (a new warm-pool instance): only our event may claim those.
         waiting = {i: w for i, w in waiting.items() if i in known or w.adoptable}
         unknown = [instance_id for instance_id in waiting if instance_id not in known]
