@@ -1,6 +1,7 @@
 # busy-guard: every target sets up what it needs (venv, pip and npm installs) on a fresh machine.
 SHELL := /bin/bash
-PYTHON ?= python3
+# The Lambda runtime's Python (3.13) where one is installed, else the newest 3.12 or 3.11.
+PYTHON ?= $(shell scripts/find-python)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -16,7 +17,9 @@ help:
 	@echo "make bench  - benchmarks in tests/bench/, figures printed"
 
 $(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo 'make: no Python 3.11 or later found' >&2; exit 2; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "venv Python: $$($(BIN)/python -c 'import sys; print(sys.version.split()[0], sys.executable)')"
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@

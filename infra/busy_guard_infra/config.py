@@ -17,32 +17,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from busy_guard import settings as S
+
 HookResult = Literal["CONTINUE", "ABANDON"]
 RemovalPolicyName = Literal["RETAIN", "DESTROY"]
 
 HOOK_RESULTS: Final = ("CONTINUE", "ABANDON")
 REMOVAL_POLICIES: Final = ("RETAIN", "DESTROY")
 
-# --- AWS facts (DESIGN.md, "AWS facts the design relies on") ---------------------------------------
-HEARTBEAT_TIMEOUT_RANGE: Final = (30, 7200)
-"""A lifecycle hook's HeartbeatTimeout, in seconds, as the Auto Scaling API accepts it."""
-MAX_HEARTBEATS: Final = 100
-"""An instance waits at most 100 x HeartbeatTimeout ..."""
-MAX_INSTANCE_WAIT_SECONDS: Final = 48 * 3600
-"""... and never more than 48 hours, however often it is heartbeaten."""
-
-# --- the guard's own cadence ----------------------------------------------------------------------
-RECONCILE_INTERVAL_SECONDS: Final = 60
-"""The schedule's rate: the level-triggered reconcile, which also heartbeats long waits."""
-TICKS_PER_HEARTBEAT_TIMEOUT: Final = 3
-"""HeartbeatTimeout must span this many reconcile ticks, so that two missed ticks in a row
-(a throttled or failed invocation, a late schedule) never let a busy instance's hook time out."""
-MIN_HEARTBEAT_TIMEOUT_SECONDS: Final = RECONCILE_INTERVAL_SECONDS * TICKS_PER_HEARTBEAT_TIMEOUT
-
-MIN_MAX_WAIT_SECONDS: Final = 60
-CLOCK_SKEW_RANGE: Final = (0, 300)
-LEGACY_STALE_RANGE: Final = (60, 7 * 24 * 3600)
-RELEASED_TTL_RANGE: Final = (3600, 365 * 24 * 3600)
+# Every limit is defined once, in busy_guard.settings, which the guard Lambda validates with too.
+HEARTBEAT_TIMEOUT_RANGE: Final = S.HEARTBEAT_TIMEOUT_RANGE
+MAX_HEARTBEATS: Final = S.MAX_HEARTBEATS
+MAX_INSTANCE_WAIT_SECONDS: Final = S.MAX_INSTANCE_WAIT_SECONDS
+RECONCILE_INTERVAL_SECONDS: Final = S.RECONCILE_INTERVAL_SECONDS
+TICKS_PER_HEARTBEAT_TIMEOUT: Final = S.TICKS_PER_HEARTBEAT_TIMEOUT
+MIN_HEARTBEAT_TIMEOUT_SECONDS: Final = S.MIN_HEARTBEAT_TIMEOUT_SECONDS
+MIN_MAX_WAIT_SECONDS: Final = S.MAX_WAIT_MIN
+CLOCK_SKEW_RANGE: Final = S.CLOCK_SKEW_RANGE
+LEGACY_STALE_RANGE: Final = S.LEGACY_STALE_RANGE
+RELEASED_TTL_RANGE: Final = S.RELEASED_TTL_RANGE
 
 _HOOK_NAME = re.compile(r"[A-Za-z0-9\-_/]{1,255}")
 _TABLE_NAME = re.compile(r"[A-Za-z0-9_.\-]{3,255}")
@@ -75,15 +68,15 @@ K = ContextKey
 
 DEFAULTS: Final[dict[str, Any]] = {
     K.STACK_NAME: "BusyGuard",
-    K.HOOK_NAME: "busy-guard",
-    K.HEARTBEAT_TIMEOUT: 900,
+    K.HOOK_NAME: S.DEFAULT_HOOK_NAME,
+    K.HEARTBEAT_TIMEOUT: S.DEFAULT_HEARTBEAT_TIMEOUT,
     K.DEFAULT_RESULT: "CONTINUE",
-    K.MAX_WAIT: 12 * 3600,
+    K.MAX_WAIT: S.DEFAULT_MAX_WAIT,
     K.MAX_WAIT_RESULT: "CONTINUE",
-    K.CLOCK_SKEW: 30,
-    K.LEGACY_STALE: 6 * 3600,
-    K.RELEASED_TTL: 7 * 24 * 3600,
-    K.TABLE_NAME: "busy_guard.instance_busy",
+    K.CLOCK_SKEW: S.DEFAULT_CLOCK_SKEW,
+    K.LEGACY_STALE: S.DEFAULT_LEGACY_STALE,
+    K.RELEASED_TTL: S.DEFAULT_RELEASED_TTL,
+    K.TABLE_NAME: S.DEFAULT_TABLE_NAME,
     K.IMPORT_TABLE: False,
     K.TABLE_STREAM_ARN: "",
     K.REMOVAL_POLICY: "RETAIN",
@@ -100,9 +93,7 @@ class ConfigError(ValueError):
         super().__init__("invalid busy-guard configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
-def max_wait_limit_seconds(heartbeat_timeout_seconds: int) -> int:
-    """The longest any instance can wait in Terminating:Wait with this HeartbeatTimeout."""
-    return min(MAX_HEARTBEATS * heartbeat_timeout_seconds, MAX_INSTANCE_WAIT_SECONDS)
+max_wait_limit_seconds = S.global_wait_limit_seconds
 
 
 def _in_range(key: str, value: int, low: int, high: int, *, why: str = "") -> list[str]:

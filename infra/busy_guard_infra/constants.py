@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final
 
+from busy_guard import settings
+
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 LAMBDAS_DIR: Final = REPO_ROOT / "lambdas"
 """The Lambda code asset: the ``busy_guard`` package, without what only tests and the sandbox use."""
@@ -40,16 +42,5 @@ TERMINATE_EVENT_DETAIL_TYPE: Final = "EC2 Instance-terminate Lifecycle Action"
 TERMINATING_TRANSITION: Final = "autoscaling:EC2_INSTANCE_TERMINATING"
 
 
-class Env:
-    """Environment variables the guard Lambda reads."""
-
-    TABLE: Final = "BUSY_GUARD_TABLE"
-    ASG_NAMES: Final = "BUSY_GUARD_ASG_NAMES"
-    HOOK_NAME: Final = "BUSY_GUARD_HOOK_NAME"
-    HEARTBEAT_TIMEOUT: Final = "BUSY_GUARD_HEARTBEAT_TIMEOUT_SECONDS"
-    MAX_WAIT: Final = "BUSY_GUARD_MAX_WAIT_SECONDS"
-    MAX_WAIT_RESULT: Final = "BUSY_GUARD_MAX_WAIT_RESULT"
-    CLOCK_SKEW: Final = "BUSY_GUARD_CLOCK_SKEW_SECONDS"
-    LEGACY_STALE: Final = "BUSY_GUARD_LEGACY_STALE_SECONDS"
-    RECONCILE_INTERVAL: Final = "BUSY_GUARD_RECONCILE_INTERVAL_SECONDS"
-    RELEASED_TTL: Final = "BUSY_GUARD_RELEASED_TTL_SECONDS"
+# Every environment variable the guard Lambda reads is named once, in busy_guard.settings.
+Env = settings.Env

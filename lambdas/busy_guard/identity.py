@@ -15,9 +15,11 @@ import time
 import urllib.error
 import urllib.request
 
+from busy_guard.settings import Env
+
 logger = logging.getLogger("busy_guard.identity")
 
-ENV_INSTANCE_ID = "BUSY_GUARD_INSTANCE_ID"
+ENV_INSTANCE_ID = Env.INSTANCE_ID
 # The variables botocore itself honours, so one setting covers both.
 ENV_IMDS_ENDPOINT = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
 ENV_IMDS_DISABLED = "AWS_EC2_METADATA_DISABLED"

@@ -32,6 +32,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from busy_guard import identity, schema
+from busy_guard.settings import LEASE_HEARTBEAT_SECONDS, LEASE_TTL_SECONDS, Env
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.client import DynamoDBClient
@@ -46,10 +47,10 @@ OP_KIND_EXTENSIONS_MATERIALIZE = "extensions_materialize"
 OP_KIND_BULK_TABLE_CREATE = "bulk_table_create"
 OP_KIND_BULK_TABLE_INSERT = "bulk_table_insert"
 
-ENV_TABLE = "BUSY_GUARD_TABLE"
-ENV_ENDPOINT_URL = "BUSY_GUARD_ENDPOINT_URL"
-DEFAULT_HEARTBEAT_INTERVAL = 60.0
-DEFAULT_LEASE_TTL = 180.0
+ENV_TABLE = Env.TABLE
+ENV_ENDPOINT_URL = Env.ENDPOINT_URL
+DEFAULT_HEARTBEAT_INTERVAL = float(LEASE_HEARTBEAT_SECONDS)
+DEFAULT_LEASE_TTL = float(LEASE_TTL_SECONDS)
 
 # Worst case per call against an endpoint that accepts and never answers: two attempts of 0.5 s
 # plus botocore's DynamoDB backoff (at most 25 ms before the first retry) -- about a second.

@@ -27,6 +27,7 @@ from botocore.exceptions import (
 )
 
 from busy_guard.guard.config import ConfigError, GuardConfig
+from busy_guard.settings import Env
 
 if TYPE_CHECKING:
     from mypy_boto3_autoscaling import AutoScalingClient
@@ -35,9 +36,9 @@ if TYPE_CHECKING:
 PROG = "busy-guard"
 DEFAULT_TABLE = "busy_guard.instance_busy"
 DEFAULT_HOOK = "busy-guard"
-ENV_TABLE = "BUSY_GUARD_TABLE"
-ENV_ASG_NAMES = "BUSY_GUARD_ASG_NAMES"
-ENV_HOOK = "BUSY_GUARD_HOOK_NAME"
+ENV_TABLE = Env.TABLE
+ENV_ASG_NAMES = Env.ASG_NAMES
+ENV_HOOK = Env.HOOK_NAME
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -227,7 +228,7 @@ class Context:
     def guard_config(self, groups: Sequence[str]) -> GuardConfig:
         """The guard's settings from the same BUSY_GUARD_* variables, with this command's names,
         validated by the guard's own model (a bad value is a one-line usage error)."""
-        env = {name: value for name, value in os.environ.items() if name.startswith("BUSY_GUARD_")}
+        env = {name: value for name, value in os.environ.items() if name.startswith(Env.PREFIX)}
         env[ENV_TABLE] = self.args.table
         env[ENV_ASG_NAMES] = ",".join(groups) or "-"
         env[ENV_HOOK] = getattr(self.args, "hook", DEFAULT_HOOK)

@@ -8,16 +8,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from busy_guard import settings as S
 from busy_guard.decision import Action, DecisionConfig
-
-# AWS limits on a lifecycle hook (DESIGN.md, "AWS facts").
-MIN_HEARTBEAT_TIMEOUT = 30
-MAX_HEARTBEAT_TIMEOUT = 7200
-MAX_GLOBAL_WAIT = 48 * 3600
-HEARTBEAT_TIMEOUT_MULTIPLIER = 100
-# The reconcile tick must fit this many times into HeartbeatTimeout, so two lost ticks in a row
-# still leave a heartbeat in time.
-TICKS_PER_HEARTBEAT_TIMEOUT = 3
+from busy_guard.settings import Env
 
 
 class ConfigError(ValueError):
@@ -27,19 +20,48 @@ class ConfigError(ValueError):
 class GuardConfig(BaseModel):
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
 
-    table_name: str = Field(alias="BUSY_GUARD_TABLE", min_length=3, max_length=255)
-    asg_names: tuple[str, ...] = Field(alias="BUSY_GUARD_ASG_NAMES", min_length=1)
-    hook_name: str = Field("busy-guard", alias="BUSY_GUARD_HOOK_NAME", min_length=1, max_length=255)
-    heartbeat_timeout: int = Field(
-        900, alias="BUSY_GUARD_HEARTBEAT_TIMEOUT_SECONDS", ge=MIN_HEARTBEAT_TIMEOUT, le=MAX_HEARTBEAT_TIMEOUT
+    table_name: str = Field(
+        alias=Env.TABLE, min_length=S.TABLE_NAME_LENGTH[0], max_length=S.TABLE_NAME_LENGTH[1]
     )
-    max_wait: float = Field(12 * 3600, alias="BUSY_GUARD_MAX_WAIT_SECONDS", gt=0)
-    max_wait_result: Literal["CONTINUE", "ABANDON"] = Field("CONTINUE", alias="BUSY_GUARD_MAX_WAIT_RESULT")
-    clock_skew: float = Field(30, alias="BUSY_GUARD_CLOCK_SKEW_SECONDS", ge=0, le=600)
-    legacy_stale_after: float = Field(6 * 3600, alias="BUSY_GUARD_LEGACY_STALE_SECONDS", gt=0)
-    reconcile_interval: float = Field(60, alias="BUSY_GUARD_RECONCILE_INTERVAL_SECONDS", ge=60)
-    released_ttl: float = Field(7 * 24 * 3600, alias="BUSY_GUARD_RELEASED_TTL_SECONDS", ge=3600)
-    tick_concurrency: int = Field(16, alias="BUSY_GUARD_TICK_CONCURRENCY", ge=1, le=64)
+    asg_names: tuple[str, ...] = Field(alias=Env.ASG_NAMES, min_length=1)
+    hook_name: str = Field(
+        S.DEFAULT_HOOK_NAME,
+        alias=Env.HOOK_NAME,
+        min_length=S.HOOK_NAME_LENGTH[0],
+        max_length=S.HOOK_NAME_LENGTH[1],
+    )
+    heartbeat_timeout: int = Field(
+        S.DEFAULT_HEARTBEAT_TIMEOUT,
+        alias=Env.HEARTBEAT_TIMEOUT,
+        ge=S.HEARTBEAT_TIMEOUT_RANGE[0],
+        le=S.HEARTBEAT_TIMEOUT_RANGE[1],
+    )
+    max_wait: float = Field(S.DEFAULT_MAX_WAIT, alias=Env.MAX_WAIT, ge=S.MAX_WAIT_MIN)
+    max_wait_result: Literal["CONTINUE", "ABANDON"] = Field("CONTINUE", alias=Env.MAX_WAIT_RESULT)
+    clock_skew: float = Field(
+        S.DEFAULT_CLOCK_SKEW, alias=Env.CLOCK_SKEW, ge=S.CLOCK_SKEW_RANGE[0], le=S.CLOCK_SKEW_RANGE[1]
+    )
+    legacy_stale_after: float = Field(
+        S.DEFAULT_LEGACY_STALE,
+        alias=Env.LEGACY_STALE,
+        ge=S.LEGACY_STALE_RANGE[0],
+        le=S.LEGACY_STALE_RANGE[1],
+    )
+    reconcile_interval: float = Field(
+        S.RECONCILE_INTERVAL_SECONDS, alias=Env.RECONCILE_INTERVAL, ge=S.RECONCILE_INTERVAL_SECONDS
+    )
+    released_ttl: float = Field(
+        S.DEFAULT_RELEASED_TTL,
+        alias=Env.RELEASED_TTL,
+        ge=S.RELEASED_TTL_RANGE[0],
+        le=S.RELEASED_TTL_RANGE[1],
+    )
+    tick_concurrency: int = Field(
+        S.DEFAULT_TICK_CONCURRENCY,
+        alias=Env.TICK_CONCURRENCY,
+        ge=S.TICK_CONCURRENCY_RANGE[0],
+        le=S.TICK_CONCURRENCY_RANGE[1],
+    )
 
     @field_validator("asg_names", mode="before")
     @classmethod
@@ -50,17 +72,17 @@ class GuardConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_timing(self) -> GuardConfig:
-        ceiling = min(HEARTBEAT_TIMEOUT_MULTIPLIER * self.heartbeat_timeout, MAX_GLOBAL_WAIT)
+        ceiling = S.global_wait_limit_seconds(self.heartbeat_timeout)
         if self.max_wait > ceiling:
             raise ValueError(
-                f"BUSY_GUARD_MAX_WAIT_SECONDS={self.max_wait:.0f} is longer than AWS lets an instance "
+                f"{Env.MAX_WAIT}={self.max_wait:.0f} is longer than AWS lets an instance "
                 f"wait: min(100 x HeartbeatTimeout, 48 h) = {ceiling}s"
             )
-        if self.reconcile_interval * TICKS_PER_HEARTBEAT_TIMEOUT > self.heartbeat_timeout:
+        if self.reconcile_interval * S.TICKS_PER_HEARTBEAT_TIMEOUT > self.heartbeat_timeout:
             raise ValueError(
-                f"BUSY_GUARD_RECONCILE_INTERVAL_SECONDS={self.reconcile_interval:.0f} cannot keep the hook "
-                f"alive: BUSY_GUARD_HEARTBEAT_TIMEOUT_SECONDS={self.heartbeat_timeout} must be at least "
-                f"{TICKS_PER_HEARTBEAT_TIMEOUT} x the reconcile interval"
+                f"{Env.RECONCILE_INTERVAL}={self.reconcile_interval:.0f} cannot keep the hook "
+                f"alive: {Env.HEARTBEAT_TIMEOUT}={self.heartbeat_timeout} must be at least "
+                f"{S.TICKS_PER_HEARTBEAT_TIMEOUT} x the reconcile interval"
             )
         return self
 
@@ -77,7 +99,7 @@ class GuardConfig(BaseModel):
     def from_env(cls, env: Mapping[str, str] | None = None) -> GuardConfig:
         source = os.environ if env is None else env
         try:
-            return cls.model_validate({k: v for k, v in source.items() if k.startswith("BUSY_GUARD_")})
+            return cls.model_validate({k: v for k, v in source.items() if k.startswith(Env.PREFIX)})
         except ValidationError as error:
             raise ConfigError(_describe(error)) from None
 

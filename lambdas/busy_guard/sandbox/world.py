@@ -25,6 +25,7 @@ from busy_guard.guard import handler as guard_handler
 from busy_guard.guard.config import GuardConfig
 from busy_guard.sandbox.environment import REGION, sandbox_environment
 from busy_guard.sandbox.hooks import LifecycleHookEmulator
+from busy_guard.settings import Env
 from busy_guard.writer import LeaseHandle, WriterOptions, begin_destructive_op_sync, end_destructive_op_sync
 
 if TYPE_CHECKING:
@@ -65,12 +66,12 @@ class SandboxSettings:
 
     def guard_env(self) -> dict[str, str]:
         return {
-            "BUSY_GUARD_TABLE": TABLE,
-            "BUSY_GUARD_ASG_NAMES": ",".join(self.groups),
-            "BUSY_GUARD_HOOK_NAME": HOOK,
-            "BUSY_GUARD_HEARTBEAT_TIMEOUT_SECONDS": str(self.heartbeat_timeout),
-            "BUSY_GUARD_MAX_WAIT_SECONDS": str(self.max_wait),
-            "BUSY_GUARD_MAX_WAIT_RESULT": self.max_wait_result,
+            Env.TABLE: TABLE,
+            Env.ASG_NAMES: ",".join(self.groups),
+            Env.HOOK_NAME: HOOK,
+            Env.HEARTBEAT_TIMEOUT: str(self.heartbeat_timeout),
+            Env.MAX_WAIT: str(self.max_wait),
+            Env.MAX_WAIT_RESULT: self.max_wait_result,
             **self.env,
         }
 
