@@ -486,6 +486,27 @@ def test_run_holds_a_lease_and_exits_with_the_childs_status(world: World) -> Non
     assert state.leases == () and state.counter == 0 and state.last_op_kind == "backfill"
 
 
+def test_run_takes_the_instance_from_the_environment(world: World) -> None:
+    instance = new_instance()
+    env = user_env(BUSY_GUARD_INSTANCE_ID=instance, ENDPOINT=world.endpoint)
+    command = ["--", sys.executable, "-c", READ_LEASES, TABLE, instance]
+    result = cli("run", *aws_args(world), "--kind", "cron", *command, env=env)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.strip() == "leases 1 cron"
+
+
+def test_run_checks_the_environments_instance_id_like_the_option(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    env = user_env(BUSY_GUARD_INSTANCE_ID="web-01.example")
+    result = cli("run", "--", sys.executable, "-c", f"open({str(marker)!r}, 'w').write('ok')", env=env)
+    assert result.returncode == 2
+    assert one_line_error(result) == (
+        "busy-guard run: $BUSY_GUARD_INSTANCE_ID: not an EC2 instance id (like i-0123456789abcdef0): "
+        "'web-01.example' (or pass --instance-id)"
+    )
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 7), (signal.SIGINT, 9)])
 def test_run_forwards_signals_to_the_child(world: World, tmp_path: Path, signum: int, status: int) -> None:
     instance = new_instance()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.server
 import json
 import logging
 import os
@@ -901,115 +900,6 @@ def test_invalid_arguments_raise_value_error(kwargs: dict[str, Any], named: str)
         begin_destructive_op_sync(INSTANCE, "k", table="t", **kwargs)
     with pytest.raises(ValueError, match=named):
         asyncio.run(begin_destructive_op(INSTANCE, "k", table="t", **kwargs))
-
-
-# --- identity -------------------------------------------------------------------------------------
-class _Imds(http.server.BaseHTTPRequestHandler):
-    requests: list[str] = []  # noqa: RUF012 - reset per test
-
-    def do_PUT(self) -> None:
-        self.requests.append("PUT " + self.path)
-        ok = self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
-        self._answer(200 if ok else 400, b"TOKEN")
-
-    def do_GET(self) -> None:
-        self.requests.append("GET " + self.path)
-        answers = {
-            "/latest/meta-data/instance-id": b"i-0feedfacecafe0001",
-            "/latest/meta-data/placement/region": b"eu-west-3",
-        }
-        ok = self.path in answers and self.headers.get("X-aws-ec2-metadata-token") == "TOKEN"
-        self._answer(200 if ok else 401, answers.get(self.path, b""))
-
-    def _answer(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def imds(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    _Imds.requests = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Imds)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    monkeypatch.delenv("AWS_EC2_METADATA_DISABLED")
-    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}/")
-    try:
-        yield _Imds.requests
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_instance_id_precedence(monkeypatch: pytest.MonkeyPatch, imds: list[str]) -> None:
-    assert identity.resolve_instance_id("i-explicit") == "i-explicit"
-    assert identity.resolve_instance_id("") == ""  # explicit empty: no lookup
-    monkeypatch.setenv("BUSY_GUARD_INSTANCE_ID", "i-from-env")
-    assert identity.resolve_instance_id() == "i-from-env"
-    assert imds == []
-    monkeypatch.delenv("BUSY_GUARD_INSTANCE_ID")
-    assert identity.resolve_instance_id() == "i-0feedfacecafe0001"
-    assert identity.resolve_instance_id() == "i-0feedfacecafe0001"
-    assert imds == ["PUT /latest/api/token", "GET /latest/meta-data/instance-id"]  # cached
-
-
-def test_imds_is_used_by_the_writer(dynamodb: Any, busy_table: str, imds: list[str]) -> None:
-    with instance_busy_sync(None, "k", table=busy_table, client=dynamodb) as lease:
-        assert lease is not None and lease.instance_id == "i-0feedfacecafe0001"
-
-
-def test_region_comes_from_imds_when_nothing_else_sets_it(
-    monkeypatch: pytest.MonkeyPatch, imds: list[str]
-) -> None:
-    # boto3 never asks IMDS for the region: without this, an instance with no AWS_REGION and no
-    # config file would run every operation unprotected (NoRegionError).
-    monkeypatch.delenv("AWS_REGION")
-    monkeypatch.delenv("AWS_DEFAULT_REGION")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    writer.reset_caches()
-    client = writer._shared_client(None)
-    assert client.meta.region_name == "eu-west-3"
-    assert imds == ["PUT /latest/api/token", "GET /latest/meta-data/placement/region"]
-    writer.reset_caches()
-
-
-def test_imds_unreachable_is_quick_and_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("AWS_EC2_METADATA_DISABLED")
-    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", f"http://127.0.0.1:{free_port()}")
-    started = time.monotonic()
-    assert identity.resolve_instance_id() == ""
-    assert time.monotonic() - started < 1.5
-    calls: list[int] = []
-    monkeypatch.setattr(identity, "_fetch_instance_id", lambda: calls.append(1) or "i-late")
-    assert identity.resolve_instance_id() == ""
-    assert calls == []  # the failure is cached for a while
-    monkeypatch.setattr(identity, "IMDS_FAILURE_TTL", 0.0)
-    assert identity.resolve_instance_id() == "i-late"
-
-
-def test_imds_disabled_makes_no_request(imds: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    assert identity.resolve_instance_id() == ""
-    assert imds == []
-
-
-def test_boot_time_is_in_the_past_and_cached() -> None:
-    boot = identity.boot_time()
-    assert 0 < boot < time.time()
-    assert identity.boot_time() == boot
-
-
-def test_boot_time_unreadable_is_zero(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_proc(*args: Any, **kwargs: Any) -> Any:
-        raise FileNotFoundError("/proc/uptime")
-
-    monkeypatch.setattr("builtins.open", no_proc)
-    assert identity._read_boot_time() == 0.0
 
 
 def test_lease_handle_repr_shows_the_lease_not_the_machinery(dynamodb: Any, busy_table: str) -> None:

@@ -8,6 +8,7 @@ Application code marks its destructive operations; nothing here touches the netw
         ...
 """
 
+from busy_guard._version import __version__
 from busy_guard.writer import (
     OP_KIND_BULK_TABLE_CREATE,
     OP_KIND_BULK_TABLE_INSERT,
@@ -36,6 +37,7 @@ __all__ = [
     "InstanceDrainingError",
     "LeaseHandle",
     "WriterOptions",
+    "__version__",
     "begin_destructive_op",
     "begin_destructive_op_sync",
     "end_destructive_op",

@@ -4,29 +4,67 @@ Nothing here touches the network at import time. The instance id comes from an e
 else ``BUSY_GUARD_INSTANCE_ID``, else IMDSv2 (a token ``PUT``, then ``meta-data/instance-id``), with a
 short timeout; the answer is cached for the life of the process, a failure for five minutes (so a
 laptop does not pay the timeout on every operation, and a transient IMDS hiccup on EC2 heals).
+Whatever the source, the id is validated (``validate_instance_id``) before anything is written with it.
+IMDS is reached where botocore reaches it for the instance's own credentials (``imds_endpoint``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 import urllib.error
 import urllib.request
 
-from busy_guard.settings import Env
+import botocore.session
+import botocore.utils
+from botocore.exceptions import BotoCoreError
+
+from busy_guard.settings import INSTANCE_ID_PATTERN, Env
 
 logger = logging.getLogger("busy_guard.identity")
 
 ENV_INSTANCE_ID = Env.INSTANCE_ID
-# The variables botocore itself honours, so one setting covers both.
+# What botocore honours for its own IMDS calls, so one setting covers both. The endpoint and its mode
+# are botocore config variables: the environment, else the profile's ~/.aws/config
+# (ec2_metadata_service_endpoint, ec2_metadata_service_endpoint_mode, imds_use_ipv6).
 ENV_IMDS_ENDPOINT = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
-ENV_IMDS_DISABLED = "AWS_EC2_METADATA_DISABLED"
-DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
+ENV_IMDS_ENDPOINT_MODE = "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE"
+ENV_IMDS_DISABLED = "AWS_EC2_METADATA_DISABLED"  # botocore reads this one from the environment only
+# botocore's own addresses per endpoint mode: http://169.254.169.254/ and http://[fd00:ec2::254]/.
+IMDS_ENDPOINTS = {"ipv4": botocore.utils.METADATA_BASE_URL, "ipv6": botocore.utils.METADATA_BASE_URL_IPv6}
 IMDS_TIMEOUT = 1.0
 IMDS_FAILURE_TTL = 300.0
 _TOKEN_TTL_SECONDS = "21600"  # noqa: S105 - a lifetime in seconds, not a secret
+
+_INSTANCE_ID = re.compile(INSTANCE_ID_PATTERN)
+SOURCE_ARGUMENT = "the instance_id argument"
+SOURCE_IMDS = "IMDS meta-data/instance-id"
+
+
+class InvalidInstanceIdError(ValueError):
+    """An instance id that is not ``i-`` and 8 or 17 lowercase hex digits; says where it came from."""
+
+    def __init__(self, value: str, source: str) -> None:
+        self.value = value
+        self.source = source
+        # Cut: a bad value may be any size (an env var, a corrupt IMDS answer).
+        shown = value if len(value) <= 64 else value[:64] + "..."
+        self.reason = f"not an EC2 instance id (like i-0123456789abcdef0): {shown!r}"
+        super().__init__(f"{source}: {self.reason}")
+
+
+def validate_instance_id(value: str, source: str) -> str:
+    """``value`` if it is an EC2 instance id, else ``InvalidInstanceIdError`` naming ``source``.
+
+    The one check for every source (argument, environment, IMDS, the CLI's options), applied before
+    an id keys any write: a typo or a hostname must not create an item the guard never looks at."""
+    if _INSTANCE_ID.fullmatch(value) is None:
+        raise InvalidInstanceIdError(value, source)
+    return value
+
 
 _lock = threading.Lock()
 _imds_id: str | None = None
@@ -36,12 +74,16 @@ _boot_time: float | None = None
 
 
 def resolve_instance_id(explicit: str | None = None) -> str:
-    """The instance id to lease on; ``""`` when none can be found (the caller then takes no lease)."""
+    """The instance id to lease on; ``""`` when none can be found (the caller then takes no lease).
+
+    Raises ``InvalidInstanceIdError`` for a malformed explicit or ``BUSY_GUARD_INSTANCE_ID`` value;
+    a malformed IMDS answer counts as no answer (logged, remembered like any IMDS failure)."""
     if explicit is not None:
-        return explicit.strip()
+        explicit = explicit.strip()
+        return explicit and validate_instance_id(explicit, SOURCE_ARGUMENT)
     from_env = os.environ.get(ENV_INSTANCE_ID, "").strip()
     if from_env:
-        return from_env
+        return validate_instance_id(from_env, ENV_INSTANCE_ID)
     return imds_instance_id()
 
 
@@ -61,17 +103,16 @@ def imds_instance_id() -> str:
             _imds_id = _fetch_instance_id()
             _imds_failed_at = None
             return _imds_id
-        except (OSError, ValueError) as err:  # URLError, timeouts and refusals are all OSError
+        # URLError, timeouts and refusals are all OSError; a bad id or endpoint URL is a ValueError;
+        # an invalid endpoint mode or a missing AWS_PROFILE is botocore's.
+        except (OSError, ValueError, BotoCoreError) as err:
             _imds_failed_at = time.monotonic()
             logger.warning("busy_guard: no instance id from IMDS (%s); operations run without a lease", err)
             return ""
 
 
 def _fetch_instance_id() -> str:
-    instance_id = _imds_get("meta-data/instance-id")
-    if not instance_id:
-        raise ValueError("IMDS returned an empty instance id")
-    return instance_id
+    return validate_instance_id(_imds_get("meta-data/instance-id"), SOURCE_IMDS)
 
 
 def imds_region() -> str | None:
@@ -86,18 +127,30 @@ def imds_region() -> str | None:
         if _imds_region is None:
             try:
                 _imds_region = _imds_get("meta-data/placement/region")
-            except (OSError, ValueError) as err:
+            except (OSError, ValueError, BotoCoreError) as err:
                 logger.warning("busy_guard: no region configured and none from IMDS (%s)", err)
                 _imds_region = ""
         return _imds_region or None
 
 
+def imds_endpoint() -> str:
+    """The IMDS base URL, chosen as botocore chooses it for the instance's credentials: a custom
+    ``ec2_metadata_service_endpoint`` wins; else the endpoint mode (``ec2_metadata_service_endpoint_mode``,
+    any case, else ``imds_use_ipv6``) picks the IPv6 or the IPv4 address. Each is read from the
+    environment, else from the profile's config file, by botocore's own resolution
+    (``botocore.utils.resolve_imds_endpoint_mode``, which also rejects an unknown mode)."""
+    session = botocore.session.Session()
+    custom = str(session.get_config_variable("ec2_metadata_service_endpoint") or "").strip()
+    if custom:
+        if not custom.startswith(("http://", "https://")):
+            raise ValueError(f"{ENV_IMDS_ENDPOINT} must be an http(s) URL")
+        return custom
+    return IMDS_ENDPOINTS[botocore.utils.resolve_imds_endpoint_mode(session)]
+
+
 def _imds_get(path: str) -> str:
     """One IMDSv2 read: a session token (PUT), then the path."""
-    endpoint = os.environ.get(ENV_IMDS_ENDPOINT, "").strip() or DEFAULT_IMDS_ENDPOINT
-    if not endpoint.startswith(("http://", "https://")):
-        raise ValueError(f"{ENV_IMDS_ENDPOINT} must be an http(s) URL")
-    base = endpoint.rstrip("/")
+    base = imds_endpoint().rstrip("/")
     # IMDS is link-local: an HTTP(S)_PROXY from the environment must never see these requests.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     # The scheme was checked above, so S310's file:/custom-scheme concern does not apply.

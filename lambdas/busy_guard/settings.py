@@ -49,6 +49,10 @@ TICK_CONCURRENCY_RANGE: Final = (1, 64)
 TABLE_NAME_LENGTH: Final = (3, 255)
 HOOK_NAME_LENGTH: Final = (1, 255)
 
+INSTANCE_ID_PATTERN: Final = r"^i-(?:[0-9a-f]{8}|[0-9a-f]{17})$"
+"""An EC2 instance id: ``i-`` and 8 hex digits (before 2016) or 17. The writer, the CLI and the guard's
+event model check ids against it (``identity.validate_instance_id``)."""
+
 # --- the writer's lease -------------------------------------------------------------------------
 LEASE_TTL_SECONDS: Final = 180
 LEASE_HEARTBEAT_SECONDS: Final = 60

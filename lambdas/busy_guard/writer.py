@@ -254,6 +254,14 @@ class _Writer:
         """
         try:
             resolved = identity.resolve_instance_id(instance_id)
+        except identity.InvalidInstanceIdError as err:
+            if err.source == identity.SOURCE_ARGUMENT:
+                raise  # a bug at the call site, like any other invalid argument: before any write
+            # A bad BUSY_GUARD_INSTANCE_ID is a config bug: said loudly, but real work still runs.
+            _log_once(
+                f"invalid-id:{err}", logging.ERROR, "busy_guard: %s; %s runs without a lease", err, kind
+            )
+            return None
         except Exception as err:  # never let identity lookup break real work
             resolved = ""
             logger.warning("busy_guard: could not resolve the instance id (%s)", _describe(err))
@@ -507,7 +515,10 @@ async def begin_destructive_op(
     empty or unknown instance id, no table name configured (logged as an error once: a config bug,
     but real work is never blocked for it), any DynamoDB failure, or ``on_draining="warn"`` on a
     draining instance. Raises ``InstanceDrainingError`` when the instance is draining (default),
-    and ``ValueError`` for invalid arguments. The DynamoDB call runs in a worker thread.
+    and ``ValueError`` for invalid arguments, among them an ``instance_id`` that is not an EC2
+    instance id (``identity.InvalidInstanceIdError``). A malformed ``BUSY_GUARD_INSTANCE_ID`` is
+    logged as an error instead and the operation runs without a lease. The DynamoDB call runs in a
+    worker thread.
     """
     writer = _Writer.configure(**options)
     begin = _AbandonableBegin(writer, instance_id, op_kind)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -27,6 +26,7 @@ from botocore.exceptions import (
 )
 
 from busy_guard.guard.config import ConfigError, GuardConfig
+from busy_guard.identity import InvalidInstanceIdError, validate_instance_id
 from busy_guard.settings import Env
 
 if TYPE_CHECKING:
@@ -64,7 +64,6 @@ exit codes:
 # status and release: patient enough for a slow API, bounded for a dead endpoint.
 AWS_CONFIG = Config(connect_timeout=3, read_timeout=10, retries={"mode": "standard", "total_max_attempts": 3})
 
-_INSTANCE_ID = re.compile(r"^i-[0-9a-f]{8}(?:[0-9a-f]{9})?$")
 _TABLE_OPERATIONS = frozenset({"GetItem", "BatchGetItem", "Scan", "UpdateItem", "DescribeTable", "Query"})
 _CREDENTIAL_CODES = frozenset(
     {
@@ -125,9 +124,10 @@ def positive(text: str) -> float:
 
 
 def instance_id(text: str) -> str:
-    if not _INSTANCE_ID.match(text):
-        raise argparse.ArgumentTypeError(f"not an EC2 instance id (like i-0123456789abcdef0): {text!r}")
-    return text
+    try:
+        return validate_instance_id(text, "an instance id argument")
+    except InvalidInstanceIdError as error:  # argparse names the argument itself
+        raise argparse.ArgumentTypeError(error.reason) from None
 
 
 def aws_options() -> Parser:

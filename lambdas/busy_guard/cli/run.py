@@ -17,7 +17,7 @@ from typing import Any
 import boto3
 from botocore.exceptions import BotoCoreError
 
-from busy_guard import writer
+from busy_guard import identity, writer
 from busy_guard.cli.common import (
     EXIT_CANNOT_EXECUTE,
     EXIT_DRAINING,
@@ -85,8 +85,9 @@ def command(ctx: Context) -> int:
     if not argv:
         raise CliError(f"no command to run: {PROG} run [options] -- CMD [ARG ...]")
     kind = args.kind or os.path.basename(argv[0]) or "command"
+    lease_on = _instance_id(args.instance_id)
     with SignalForwarder() as forwarder:
-        lease = _begin(ctx, kind)
+        lease = _begin(ctx, kind, lease_on)
         try:
             if forwarder.pending:  # told to stop before the command started: don't start it
                 return 128 + forwarder.pending[0]
@@ -105,7 +106,21 @@ def command(ctx: Context) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _begin(ctx: Context, kind: str) -> writer.LeaseHandle | None:
+def _instance_id(option: str | None) -> str | None:
+    """``--instance-id``, else ``$BUSY_GUARD_INSTANCE_ID`` checked as strictly (a usage error naming
+    the variable), else None: the writer asks IMDS."""
+    if option is not None:
+        return option
+    from_env = os.environ.get(identity.ENV_INSTANCE_ID, "").strip()
+    if not from_env:
+        return None
+    try:
+        return identity.validate_instance_id(from_env, f"${identity.ENV_INSTANCE_ID}")
+    except identity.InvalidInstanceIdError as error:
+        raise CliError(f"{error} (or pass --instance-id)") from None
+
+
+def _begin(ctx: Context, kind: str, instance_id: str | None) -> writer.LeaseHandle | None:
     """The lease, or None (the writer has logged why). Raises CliError(75) while draining."""
     args = ctx.args
     endpoint = args.endpoint_url or os.environ.get(writer.ENV_ENDPOINT_URL, "").strip() or None
@@ -120,7 +135,7 @@ def _begin(ctx: Context, kind: str) -> writer.LeaseHandle | None:
         return None
     try:
         return writer.begin_destructive_op_sync(
-            args.instance_id,
+            instance_id,
             kind,
             table=args.table,
             on_draining="warn" if args.on_draining == "warn" else "raise",

@@ -20,7 +20,6 @@ from busy_guard.decision import Reason
 from busy_guard.guard.autoscaling import LifecycleHooks
 from busy_guard.guard.config import GuardConfig
 from busy_guard.guard.models import (
-    INSTANCE_ID_PATTERN,
     Ignored,
     Malformed,
     StreamBatch,
@@ -32,6 +31,7 @@ from busy_guard.guard.models import (
 from busy_guard.guard.observability import NAMESPACE, SERVICE, MetricName, logger, metrics, tracer
 from busy_guard.guard.reconcile import Guard, Outcome, Step, Target, Trigger
 from busy_guard.guard.table import BusyTable
+from busy_guard.settings import INSTANCE_ID_PATTERN
 
 # Short connect/read timeouts: a hung endpoint must cost a retry, not the whole invocation.
 _AWS_CONFIG = Config(

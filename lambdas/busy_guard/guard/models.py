@@ -13,12 +13,13 @@ from typing import Any, Literal
 from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from busy_guard.settings import INSTANCE_ID_PATTERN
+
 TERMINATE_DETAIL_TYPE = "EC2 Instance-terminate Lifecycle Action"
 LAUNCH_DETAIL_TYPE = "EC2 Instance-launch Lifecycle Action"
 TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
 TEST_NOTIFICATION = "autoscaling:TEST_NOTIFICATION"
 SCHEDULED_DETAIL_TYPE = "Scheduled Event"
-INSTANCE_ID_PATTERN = r"^i-[0-9a-f]{8,17}$"
 # Auto Scaling group and hook names: 1-255 characters of printable text, no control characters.
 NAME_PATTERN = r"^[^\x00-\x1f\x7f]{1,255}$"
 
