@@ -833,5 +833,5 @@ def test_demo_without_moto_says_what_to_install(
     assert main(["demo"]) == 2
     assert capsys.readouterr().err.strip() == (
         "busy-guard demo: the demo needs the sandbox extra (moto is missing): "
-        "pip install 'busy-guard[sandbox]'"
+        "in a checkout of the repository, 'make demo' (or pip install -e '.[sandbox]')"
     )

@@ -8,9 +8,10 @@ from typing import Any
 
 from busy_guard.cli.common import CliError, Context, Formatter, Parser, epilog, positive
 
-# What the sandbox needs beyond the base install: moto, and Powertools for the guard handler.
+# What the sandbox needs beyond the base install: moto, and Powertools for the guard handler. The
+# sandbox code itself is in the repository only: an installed wheel has none.
 SANDBOX_MODULES = frozenset({"moto", "aws_lambda_powertools"})
-INSTALL_HINT = "pip install 'busy-guard[sandbox]'"
+INSTALL_HINT = "in a checkout of the repository, 'make demo' (or pip install -e '.[sandbox]')"
 
 
 def add_parser(commands: Any) -> None:
@@ -39,8 +40,14 @@ def command(ctx: Context) -> int:
         options["speed"] = ctx.args.speed
     if ctx.args.scenario:
         options["scenarios"] = list(ctx.args.scenario)
-    from busy_guard.sandbox.environment import sandbox_environment  # noqa: PLC0415 - no moto needed
-
+    try:
+        from busy_guard.sandbox.environment import sandbox_environment  # noqa: PLC0415 - no moto needed
+    except ModuleNotFoundError as error:
+        if error.name != "busy_guard.sandbox":
+            raise
+        raise CliError(
+            f"the demo runs from the repository, not an installed package: {INSTALL_HINT}"
+        ) from None
     try:
         # Entered before the import: the X-Ray SDK reads the AWS configuration as it loads.
         with sandbox_environment():
