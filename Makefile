@@ -5,6 +5,8 @@ PYTHON ?= $(shell scripts/find-python)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# What `make demo` alone needs: the sandbox extra (moto, Powertools, pydantic), not the dev tools.
+DEMO_STAMP := $(VENV)/.demo-installed
 NODE_STAMP := node_modules/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -16,12 +18,22 @@ help:
 	@echo "make synth  - cdk synth into cdk.out/ (no AWS credentials needed)"
 	@echo "make bench  - benchmarks in tests/bench/, figures printed"
 
-$(STAMP): pyproject.toml
+define make_venv
 	@test -n "$(PYTHON)" || { echo 'make: no Python 3.11 or later found' >&2; exit 2; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "venv Python: $$($(BIN)/python -c 'import sys; print(sys.version.split()[0], sys.executable)')"
 	$(BIN)/pip install --quiet --upgrade pip
+endef
+
+$(STAMP): pyproject.toml
+	$(make_venv)
 	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# The dev install is a superset: a venv that has it (and is current) needs nothing more.
+$(DEMO_STAMP): pyproject.toml
+	$(make_venv)
+	test $(STAMP) -nt pyproject.toml || $(BIN)/pip install --quiet -e '.[sandbox]'
 	touch $@
 
 $(NODE_STAMP): package.json
@@ -30,7 +42,7 @@ $(NODE_STAMP): package.json
 
 install: $(STAMP) $(NODE_STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/busy-guard demo
 
 SOURCES := $(wildcard lambdas infra tests)
