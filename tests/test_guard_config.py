@@ -47,8 +47,17 @@ def test_missing_required_variables_are_named() -> None:
 
 
 def test_max_wait_ceiling_follows_the_heartbeat_timeout() -> None:
-    # 100 x 300 s = 30,000 s is the most AWS lets an instance wait with this hook.
-    fine = {**BASE, "BUSY_GUARD_HEARTBEAT_TIMEOUT_SECONDS": "300", "BUSY_GUARD_MAX_WAIT_SECONDS": "30000"}
-    assert GuardConfig.from_env(fine).max_wait == 30000
-    with pytest.raises(ConfigError, match="min\\(100 x HeartbeatTimeout, 48 h\\) = 30000s"):
-        GuardConfig.from_env({**fine, "BUSY_GUARD_MAX_WAIT_SECONDS": "30001"})
+    # 100 x 300 s = 30,000 s is the most AWS lets an instance wait with this hook; max_wait keeps one
+    # HeartbeatTimeout of margin, so the guard's own result always comes first.
+    fine = {**BASE, "BUSY_GUARD_HEARTBEAT_TIMEOUT_SECONDS": "300", "BUSY_GUARD_MAX_WAIT_SECONDS": "29700"}
+    assert GuardConfig.from_env(fine).max_wait == 29700
+    with pytest.raises(ConfigError, match="- HeartbeatTimeout = 29700s"):
+        GuardConfig.from_env({**fine, "BUSY_GUARD_MAX_WAIT_SECONDS": "29701"})
+
+
+def test_account_id_is_optional_and_must_be_an_account() -> None:
+    assert GuardConfig.from_env(BASE).account_id is None
+    own = GuardConfig.from_env({**BASE, "BUSY_GUARD_ACCOUNT_ID": "123456789012"})
+    assert own.account_id == "123456789012"
+    with pytest.raises(ConfigError, match="BUSY_GUARD_ACCOUNT_ID"):
+        GuardConfig.from_env({**BASE, "BUSY_GUARD_ACCOUNT_ID": "12345"})

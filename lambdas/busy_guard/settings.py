@@ -23,6 +23,16 @@ def global_wait_limit_seconds(heartbeat_timeout_seconds: int) -> int:
     return min(MAX_HEARTBEATS * heartbeat_timeout_seconds, MAX_INSTANCE_WAIT_SECONDS)
 
 
+def max_wait_limit_seconds(heartbeat_timeout_seconds: int) -> int:
+    """The longest ``max_wait`` may be: the global limit less one HeartbeatTimeout.
+
+    The guard notices ``max_wait`` at a tick and the hook's last heartbeat may be almost a whole
+    HeartbeatTimeout old by then, so one HeartbeatTimeout of margin lets ``maxWaitResult`` (and its
+    alarm) always act before Auto Scaling's own global timeout ends the wait with ``DefaultResult``.
+    """
+    return global_wait_limit_seconds(heartbeat_timeout_seconds) - heartbeat_timeout_seconds
+
+
 # --- the guard's own cadence ----------------------------------------------------------------------
 RECONCILE_INTERVAL_SECONDS: Final = 60
 """The schedule's rate: the level-triggered reconcile, which also heartbeats long waits."""
@@ -40,6 +50,11 @@ DEFAULT_CLOCK_SKEW: Final = 30
 DEFAULT_LEGACY_STALE: Final = 6 * 3600
 DEFAULT_RELEASED_TTL: Final = 7 * 24 * 3600
 DEFAULT_TICK_CONCURRENCY: Final = 16
+DEFAULT_RESERVED_CONCURRENCY: Final = 10
+"""The guard Lambda's reserved concurrency: an account-wide throttle can't starve the heartbeats, and
+a burst of lifecycle events can't take the account's whole pool. Ticks run one a minute and the
+stream uses one invocation per shard, so a few are enough; a throttled async event waits in Lambda's
+queue and is retried, never lost."""
 
 MAX_WAIT_MIN: Final = 60
 CLOCK_SKEW_RANGE: Final = (0, 300)
@@ -48,6 +63,17 @@ RELEASED_TTL_RANGE: Final = (3600, 365 * 24 * 3600)
 TICK_CONCURRENCY_RANGE: Final = (1, 64)
 TABLE_NAME_LENGTH: Final = (3, 255)
 HOOK_NAME_LENGTH: Final = (1, 255)
+GROUP_NAME_LENGTH: Final = (1, 255)
+RESERVED_CONCURRENCY_RANGE: Final = (2, 100)
+"""At least a tick and an event at once; at most what a guard could ever use without starving the
+account's other functions."""
+
+# --- AWS size limits the CDK app checks at synth --------------------------------------------------
+EVENT_PATTERN_MAX_CHARS: Final = 2048
+"""EventBridge's default quota for one rule's event pattern, in characters (adjustable to 4096 on
+request; "Event pattern size" in the EventBridge quotas page)."""
+LAMBDA_ENVIRONMENT_MAX_BYTES: Final = 4096
+"""Lambda's limit on a function's environment: all keys and values together, 4 KB."""
 
 INSTANCE_ID_PATTERN: Final = r"^i-(?:[0-9a-f]{8}|[0-9a-f]{17})$"
 """An EC2 instance id: ``i-`` and 8 hex digits (before 2016) or 17. The writer, the CLI and the guard's
@@ -73,6 +99,7 @@ class Env:
     RECONCILE_INTERVAL: Final = "BUSY_GUARD_RECONCILE_INTERVAL_SECONDS"
     RELEASED_TTL: Final = "BUSY_GUARD_RELEASED_TTL_SECONDS"
     TICK_CONCURRENCY: Final = "BUSY_GUARD_TICK_CONCURRENCY"
+    ACCOUNT_ID: Final = "BUSY_GUARD_ACCOUNT_ID"  # the stack's own account: events from others are ignored
     # the writer library (and `busy-guard run`)
     INSTANCE_ID: Final = "BUSY_GUARD_INSTANCE_ID"
     ENDPOINT_URL: Final = "BUSY_GUARD_ENDPOINT_URL"

@@ -63,6 +63,10 @@ class GuardConfig(BaseModel):
         le=S.TICK_CONCURRENCY_RANGE[1],
     )
 
+    account_id: str | None = Field(None, alias=Env.ACCOUNT_ID, pattern=r"^\d{12}$")
+    """The stack's own account; lifecycle events from any other account are ignored. Unset in the
+    sandbox and in tests that build the guard by hand."""
+
     @field_validator("asg_names", mode="before")
     @classmethod
     def _split_names(cls, value: Any) -> Any:
@@ -72,11 +76,11 @@ class GuardConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_timing(self) -> GuardConfig:
-        ceiling = S.global_wait_limit_seconds(self.heartbeat_timeout)
+        ceiling = S.max_wait_limit_seconds(self.heartbeat_timeout)
         if self.max_wait > ceiling:
             raise ValueError(
-                f"{Env.MAX_WAIT}={self.max_wait:.0f} is longer than AWS lets an instance "
-                f"wait: min(100 x HeartbeatTimeout, 48 h) = {ceiling}s"
+                f"{Env.MAX_WAIT}={self.max_wait:.0f} leaves no margin before AWS's own timeout: "
+                f"min(100 x HeartbeatTimeout, 48 h) - HeartbeatTimeout = {ceiling}s"
             )
         if self.reconcile_interval * S.TICKS_PER_HEARTBEAT_TIMEOUT > self.heartbeat_timeout:
             raise ValueError(

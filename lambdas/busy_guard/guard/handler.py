@@ -112,6 +112,11 @@ def route(event: Any, guard: Guard) -> dict[str, Any]:
 def _on_termination(invocation: Termination, guard: Guard) -> dict[str, Any]:
     detail = invocation.detail
     config = guard.config
+    if config.account_id is not None and invocation.event.account != config.account_id:
+        # The rule matches only the stack's account; this is the second lock on the same door.
+        reason = f"not ours: account {invocation.event.account[:MAX_SHOWN]!r}"
+        logger.warning(f"ignored: {reason}")
+        return {"ignored": reason}
     if detail.AutoScalingGroupName not in config.asg_names or detail.LifecycleHookName != config.hook_name:
         reason = f"not ours: group {detail.AutoScalingGroupName!r}, hook {detail.LifecycleHookName!r}"
         logger.info(f"ignored: {reason}")
