@@ -8,9 +8,12 @@ STAMP := $(VENV)/.installed
 # What `make demo` alone needs: the sandbox extra (moto, Powertools, pydantic), not the dev tools.
 DEMO_STAMP := $(VENV)/.demo-installed
 NODE_STAMP := node_modules/.installed
+LAMBDA_REQUIREMENTS := infra/lambda-requirements.txt
+LAMBDA_DEPS := build/lambda-deps
+LAMBDA_DEPS_STAMP := build/.lambda-deps-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install demo test lint typecheck pytest synth bench clean
+.PHONY: help install lambda-deps demo test lint typecheck pytest synth bench clean
 
 help:
 	@echo "make demo   - run the whole guard on a local sandbox (no AWS account)"
@@ -25,22 +28,33 @@ define make_venv
 	$(BIN)/pip install --quiet --upgrade pip
 endef
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LAMBDA_REQUIREMENTS)
 	$(make_venv)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -c $(LAMBDA_REQUIREMENTS)
 	touch $@
 
 # The dev install is a superset: a venv that has it (and is current) needs nothing more.
-$(DEMO_STAMP): pyproject.toml
+$(DEMO_STAMP): pyproject.toml $(LAMBDA_REQUIREMENTS)
 	$(make_venv)
-	test $(STAMP) -nt pyproject.toml || $(BIN)/pip install --quiet -e '.[sandbox]'
+	test $(STAMP) -nt pyproject.toml || $(BIN)/pip install --quiet -e '.[sandbox]' -c $(LAMBDA_REQUIREMENTS)
 	touch $@
+
+# The guard's layer: the Lambda runtime's platform (arm64, CPython 3.13), whatever this machine is.
+# Wheels only, so nothing is compiled here; boto3 is the runtime's own.
+$(LAMBDA_DEPS_STAMP): $(LAMBDA_REQUIREMENTS) | $(STAMP)
+	rm -rf $(LAMBDA_DEPS)
+	$(BIN)/pip install --quiet --no-compile --no-deps --target $(LAMBDA_DEPS)/python \
+	  --platform manylinux2014_aarch64 --implementation cp --python-version 3.13 --only-binary=:all: \
+	  -r $(LAMBDA_REQUIREMENTS)
+	touch $@
+
+lambda-deps: $(LAMBDA_DEPS_STAMP)
 
 $(NODE_STAMP): package.json
 	npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
-install: $(STAMP) $(NODE_STAMP)
+install: $(STAMP) $(NODE_STAMP) $(LAMBDA_DEPS_STAMP)
 
 demo: $(DEMO_STAMP)
 	$(BIN)/busy-guard demo
@@ -54,11 +68,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) $(NODE_STAMP)
+pytest: $(STAMP) $(NODE_STAMP) $(LAMBDA_DEPS_STAMP)
 	$(BIN)/pytest -q
 
-synth: $(STAMP) $(NODE_STAMP)
+# The busy-guard stack into cdk.out/, and the example app's stack into cdk.out/examples/guarded_group/.
+synth: $(STAMP) $(NODE_STAMP) $(LAMBDA_DEPS_STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" npx --no-install cdk synth --quiet
+	PATH="$(CURDIR)/$(BIN):$$PATH" npx --no-install cdk synth --quiet \
+	  --app "python3 examples/guarded_group/app.py" --output cdk.out/examples/guarded_group
 
 test: lint typecheck pytest synth
 
@@ -66,4 +83,4 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.bench
 
 clean:
-	rm -rf $(VENV) node_modules cdk.out .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) node_modules cdk.out build .pytest_cache .mypy_cache .ruff_cache .hypothesis

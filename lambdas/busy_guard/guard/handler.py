@@ -94,6 +94,9 @@ def route(event: Any, guard: Guard) -> dict[str, Any]:
         case Tick():
             report = guard.tick()
             _record(report.outcomes)
+            # A gauge, 0 included, so the dashboard shows "nobody held" rather than a gap.
+            held = sum(1 for outcome in report.outcomes if outcome.step in (Step.HEARTBEAT, Step.WAITING))
+            metrics.add_metric(name=MetricName.INSTANCES_WAITING, unit=MetricUnit.Count, value=held)
             if report.errors:
                 raise ReconcileError(f"{len(report.errors)} problem(s) in the tick: {report.errors[0]}")
             return _summary(report.outcomes)

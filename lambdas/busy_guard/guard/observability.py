@@ -16,6 +16,7 @@ class MetricName:
     COMPLETED = "LifecycleActionsCompleted"
     HOOK_WAIT_SECONDS = "HookWaitSeconds"
     HEARTBEATS = "Heartbeats"
+    INSTANCES_WAITING = "InstancesWaiting"  # per tick: how many instances our hook still holds
     STALE_MARKERS = "StaleMarkers"
     STATE_READ_ERRORS = "StateReadErrors"
     MAX_WAIT_EXCEEDED = "MaxWaitExceeded"

@@ -1,8 +1,10 @@
-"""The guard acts only on lifecycle events of its own stack's account (BUSY_GUARD_ACCOUNT_ID)."""
+"""The guard acts only on lifecycle events of its own stack's account (BUSY_GUARD_ACCOUNT_ID), and
+each tick reports how many instances it holds (the dashboard's first graph)."""
 
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -35,3 +37,23 @@ def test_an_event_from_another_account_is_ignored_and_its_own_account_is_served(
 
     sandbox.invoke(event)
     assert sandbox.emulator.state(instance) == "Terminated"
+
+
+def emitted(capsys: pytest.CaptureFixture[str], name: str) -> list[float]:
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    values = [line[name] for line in lines if "_aws" in line and name in line]
+    return [v for value in values for v in (value if isinstance(value, list) else [value])]
+
+
+def test_each_tick_reports_how_many_instances_the_hook_holds(
+    sandbox: Sandbox, capsys: pytest.CaptureFixture[str]
+) -> None:
+    busy, idle = sandbox.instances(GROUP)[:2]
+    sandbox.begin(busy)
+    sandbox.tick()
+    assert emitted(capsys, "InstancesWaiting") == [0]
+    sandbox.terminate(busy)
+    sandbox.terminate(idle)
+    capsys.readouterr()
+    sandbox.tick()
+    assert emitted(capsys, "InstancesWaiting") == [1]  # the idle one was released at once
