@@ -30,7 +30,7 @@ from busy_guard_infra.config import (
     GuardSettings,
     max_wait_limit_seconds,
 )
-from busy_guard_infra.constants import ASSET_EXCLUDES, POWERTOOLS_LAYER_VERSION
+from busy_guard_infra.constants import ASSET_EXCLUDES
 from busy_guard_infra.constructs.guard import BusyGuard
 from busy_guard_infra.constructs.table import BusyTable
 from busy_guard_infra.constructs.writer_policy import WriterPolicy
@@ -51,14 +51,14 @@ CUSTOM = {
     "hookName": "graph-guard",
     "heartbeatTimeoutSeconds": "600",
     "defaultResult": "abandon",
-    "maxWaitSeconds": "60000",
+    "maxWaitSeconds": "59000",
     "maxWaitResult": "ABANDON",
     "importTable": "true",
     "tableStreamArn": STREAM_ARN,
     "removalPolicy": "DESTROY",
     "alarmTopicArn": TOPIC_ARN,
 }
-NAG_ERRORS = Match.string_like_regexp("AwsSolutions-.*")
+NAG_ERRORS = Match.string_like_regexp("(AwsSolutions|Serverless)-.*")
 GROUP_ARN_PREFIX = [
     "arn:",
     {"Ref": "AWS::Partition"},
@@ -210,15 +210,17 @@ def test_defaults_apply_to_missing_keys() -> None:
             r"heartbeatTimeoutSeconds must be between 180 and 7200 s: the 60 s reconcile .* two missed ticks",
         ),
         (
-            {"heartbeatTimeoutSeconds": 300, "maxWaitSeconds": 30001},
-            r"maxWaitSeconds must be between 60 and 30000 s \(no longer than "
-            r"min\(100 x heartbeatTimeoutSeconds, 48 h\) = 30000 s",
+            {"heartbeatTimeoutSeconds": 300, "maxWaitSeconds": 29701},
+            r"maxWaitSeconds must be between 60 and 29700 s \(no longer than "
+            r"min\(100 x heartbeatTimeoutSeconds, 48 h\) - heartbeatTimeoutSeconds = 29700 s",
         ),
         (
-            {"heartbeatTimeoutSeconds": 7200, "maxWaitSeconds": 48 * 3600 + 1},
-            r"maxWaitSeconds must be between 60 and 172800 s",
+            {"heartbeatTimeoutSeconds": 7200, "maxWaitSeconds": 46 * 3600 + 1},
+            r"maxWaitSeconds must be between 60 and 165600 s",
         ),
-        ({"maxWaitSeconds": 59}, r"maxWaitSeconds must be between 60 and 90000 s"),
+        ({"maxWaitSeconds": 59}, r"maxWaitSeconds must be between 60 and 89100 s"),
+        ({"reservedConcurrency": 1}, r"reservedConcurrency must be between 2 and 100"),
+        ({"reservedConcurrency": "many"}, r"reservedConcurrency must be a whole number; got 'many'"),
         ({"asgNames": []}, r"asgNames must name at least one Auto Scaling group"),
         ({"asgNames": ""}, r"asgNames must name at least one Auto Scaling group"),
         ({"asgNames": None}, r"asgNames must name at least one Auto Scaling group"),
@@ -262,10 +264,10 @@ def test_every_problem_is_reported_at_once() -> None:
     assert str(raised.value).startswith("invalid busy-guard configuration:\n  - ")
 
 
-def test_max_wait_limit_is_min_of_100_heartbeats_and_48_hours() -> None:
-    assert max_wait_limit_seconds(900) == 90_000
-    assert max_wait_limit_seconds(7200) == 48 * 3600
-    config_from(heartbeatTimeoutSeconds=900, maxWaitSeconds=90_000)  # the limit itself is allowed
+def test_max_wait_limit_is_one_heartbeat_under_min_of_100_heartbeats_and_48_hours() -> None:
+    assert max_wait_limit_seconds(900) == 90_000 - 900
+    assert max_wait_limit_seconds(7200) == 48 * 3600 - 7200
+    config_from(heartbeatTimeoutSeconds=900, maxWaitSeconds=89_100)  # the limit itself is allowed
 
 
 def test_the_construct_validates_its_settings_too() -> None:
@@ -325,19 +327,11 @@ def test_function_runtime_code_layer_tracing_timeout_and_memory(template: Templa
     assert props["Timeout"] == 50
     assert props["MemorySize"] == 1024
     assert props["LoggingConfig"] == {"LogGroup": {"Ref": logical_id(template, "AWS::Logs::LogGroup")}}
-    assert props["Layers"] == [
-        {
-            "Fn::Join": [
-                "",
-                [
-                    "arn:aws:lambda:",
-                    {"Ref": "AWS::Region"},
-                    ":017000801446:layer:AWSLambdaPowertoolsPythonV3-python313-arm64:"
-                    f"{POWERTOOLS_LAYER_VERSION}",
-                ],
-            ]
-        }
-    ]
+    assert props["ReservedConcurrentExecutions"] == 10
+    layer_id, layer = only(template, "AWS::Lambda::LayerVersion")
+    assert props["Layers"] == [{"Ref": layer_id}]  # the stack's own layer: no account, region or partition
+    assert layer["Properties"]["CompatibleRuntimes"] == ["python3.13"]
+    assert layer["Properties"]["CompatibleArchitectures"] == ["arm64"]
     template.has_resource(
         "AWS::Logs::LogGroup", {"Properties": {"RetentionInDays": 30}, "DeletionPolicy": "Retain"}
     )
@@ -356,6 +350,7 @@ def test_function_environment_is_the_handlers_contract(template: Template) -> No
         "BUSY_GUARD_LEGACY_STALE_SECONDS": "21600",
         "BUSY_GUARD_RECONCILE_INTERVAL_SECONDS": "60",
         "BUSY_GUARD_RELEASED_TTL_SECONDS": "604800",
+        "BUSY_GUARD_ACCOUNT_ID": {"Ref": "AWS::AccountId"},
         "POWERTOOLS_SERVICE_NAME": "busy-guard",
         "POWERTOOLS_METRICS_NAMESPACE": "BusyGuard",
         "POWERTOOLS_LOG_LEVEL": "INFO",
@@ -367,16 +362,21 @@ def test_the_handlers_own_config_accepts_the_synthesized_environment(
 ) -> None:
     guard_config = pytest.importorskip("busy_guard.guard.config")
     for synthesized in (template, custom):
-        env = {**environment(synthesized), "BUSY_GUARD_TABLE": "busy_guard.instance_busy"}
+        env = {
+            **environment(synthesized),
+            "BUSY_GUARD_TABLE": "busy_guard.instance_busy",
+            "BUSY_GUARD_ACCOUNT_ID": "123456789012",  # what CloudFormation resolves AWS::AccountId to
+        }
         config = guard_config.GuardConfig.from_env(env)
         assert ",".join(config.asg_names) == env["BUSY_GUARD_ASG_NAMES"]
 
 
-def test_async_invocations_retry_briefly_then_go_to_a_queue(template: Template) -> None:
+def test_failed_async_invocations_are_not_retried_and_go_to_a_queue(template: Template) -> None:
+    """The next tick is the retry; Lambda's own async retries would only replay an old event."""
     template.has_resource_properties(
         "AWS::Lambda::EventInvokeConfig",
         {
-            "MaximumRetryAttempts": 2,
+            "MaximumRetryAttempts": 0,
             "MaximumEventAgeInSeconds": 900,
             "DestinationConfig": {
                 "OnFailure": {
@@ -576,7 +576,6 @@ def test_wildcard_resources_only_for_actions_that_support_nothing_else(template:
             wildcard_actions |= actions_of(statement)
     assert wildcard_actions == {
         "autoscaling:DescribeAutoScalingGroups",
-        "autoscaling:DescribeAutoScalingInstances",
         "dynamodb:ListStreams",
         "xray:PutTraceSegments",
         "xray:PutTelemetryRecords",
@@ -605,7 +604,6 @@ def test_table_actions_only_on_the_table_and_stream_reads_only_on_its_stream(tem
     table_id = logical_id(template, "AWS::DynamoDB::Table")
     items = guard_statement(template, "dynamodb:UpdateItem")
     assert actions_of(items) == {
-        "dynamodb:GetItem",
         "dynamodb:BatchGetItem",
         "dynamodb:UpdateItem",
         "dynamodb:Scan",
@@ -625,7 +623,12 @@ def test_table_actions_only_on_the_table_and_stream_reads_only_on_its_stream(tem
             if any(a.startswith("dynamodb:") for a in actions_of(s))
         )
     )
-    assert not every_dynamodb_action & {"dynamodb:PutItem", "dynamodb:DeleteItem", "dynamodb:Query"}
+    assert not every_dynamodb_action & {
+        "dynamodb:GetItem",
+        "dynamodb:PutItem",
+        "dynamodb:DeleteItem",
+        "dynamodb:Query",
+    }
 
 
 def test_logs_and_queues_only_on_their_own_resources(template: Template) -> None:
@@ -638,8 +641,17 @@ def test_logs_and_queues_only_on_their_own_resources(template: Template) -> None
     ]
 
 
+def managed_policy(template: Template, prefix: str) -> tuple[str, dict[str, Any]]:
+    (found,) = [
+        (resource_id, resource)
+        for resource_id, resource in template.find_resources("AWS::IAM::ManagedPolicy").items()
+        if resource_id.startswith(prefix)
+    ]
+    return found
+
+
 def test_writer_policy_is_update_item_on_the_table_only_and_exported(template: Template) -> None:
-    _, policy = only(template, "AWS::IAM::ManagedPolicy")
+    writer_id, policy = managed_policy(template, "WriterPolicy")
     assert policy["Properties"]["PolicyDocument"]["Statement"] == [
         {
             "Sid": "BusyGuardLeaseWrites",
@@ -651,7 +663,7 @@ def test_writer_policy_is_update_item_on_the_table_only_and_exported(template: T
     template.has_output(
         "WriterPolicyArn",
         {
-            "Value": {"Ref": logical_id(template, "AWS::IAM::ManagedPolicy")},
+            "Value": {"Ref": writer_id},
             "Export": {"Name": "BusyGuard-WriterPolicyArn"},
         },
     )
@@ -748,9 +760,7 @@ def test_groups_given_as_cdk_objects_get_the_same_hook_iam_and_pattern(team: Tem
         for role in team.find_resources("AWS::IAM::Role").values()
         if "ec2.amazonaws.com" in json.dumps(role)
     ]
-    assert instance_role[0]["Properties"]["ManagedPolicyArns"] == [
-        {"Ref": logical_id(team, "AWS::IAM::ManagedPolicy")}
-    ]
+    assert instance_role[0]["Properties"]["ManagedPolicyArns"] == [{"Ref": managed_policy(team, "Writers")[0]}]
 
 
 def test_the_construct_refuses_no_groups_and_a_table_without_stream() -> None:
@@ -766,7 +776,7 @@ def test_the_construct_refuses_no_groups_and_a_table_without_stream() -> None:
 
 # --- cdk-nag ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stack_fixture", ["default_stack", "custom_stack"])
-def test_aws_solutions_pack_has_no_errors_and_no_warnings(
+def test_aws_solutions_and_serverless_packs_have_no_errors_and_no_warnings(
     stack_fixture: str, request: pytest.FixtureRequest
 ) -> None:
     stack = request.getfixturevalue(stack_fixture)
@@ -787,6 +797,9 @@ def test_every_suppression_is_narrow_and_has_a_reviewable_reason(template: Templ
         "AwsSolutions-IAM5",
         "AwsSolutions-SQS3",
         "AwsSolutions-L1",
+        "Serverless-SQSRedrivePolicy",
+        "Serverless-LambdaLatestVersion",
+        "Serverless-LambdaDLQ",
     }
     for resource_id, rule in suppressions:
         assert len(rule["reason"]) >= 120, (resource_id, rule)

@@ -36,6 +36,7 @@ MIN_MAX_WAIT_SECONDS: Final = S.MAX_WAIT_MIN
 CLOCK_SKEW_RANGE: Final = S.CLOCK_SKEW_RANGE
 LEGACY_STALE_RANGE: Final = S.LEGACY_STALE_RANGE
 RELEASED_TTL_RANGE: Final = S.RELEASED_TTL_RANGE
+RESERVED_CONCURRENCY_RANGE: Final = S.RESERVED_CONCURRENCY_RANGE
 
 _HOOK_NAME = re.compile(r"[A-Za-z0-9\-_/]{1,255}")
 _TABLE_NAME = re.compile(r"[A-Za-z0-9_.\-]{3,255}")
@@ -62,6 +63,7 @@ class ContextKey:
     TABLE_STREAM_ARN: Final = "tableStreamArn"
     REMOVAL_POLICY: Final = "removalPolicy"
     ALARM_TOPIC_ARN: Final = "alarmTopicArn"
+    RESERVED_CONCURRENCY: Final = "reservedConcurrency"
 
 
 K = ContextKey
@@ -81,6 +83,7 @@ DEFAULTS: Final[dict[str, Any]] = {
     K.TABLE_STREAM_ARN: "",
     K.REMOVAL_POLICY: "RETAIN",
     K.ALARM_TOPIC_ARN: "",
+    K.RESERVED_CONCURRENCY: S.DEFAULT_RESERVED_CONCURRENCY,
 }
 """Every key's default except ``asgNames``, which has none: the app refuses to guard nothing."""
 
@@ -93,7 +96,7 @@ class ConfigError(ValueError):
         super().__init__("invalid busy-guard configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
-max_wait_limit_seconds = S.global_wait_limit_seconds
+max_wait_limit_seconds = S.max_wait_limit_seconds
 
 
 def _in_range(key: str, value: int, low: int, high: int, *, why: str = "") -> list[str]:
@@ -115,6 +118,7 @@ class GuardSettings:
     clock_skew_seconds: int = DEFAULTS[K.CLOCK_SKEW]
     legacy_stale_seconds: int = DEFAULTS[K.LEGACY_STALE]
     released_ttl_seconds: int = DEFAULTS[K.RELEASED_TTL]
+    reserved_concurrency: int = DEFAULTS[K.RESERVED_CONCURRENCY]
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -147,8 +151,9 @@ class GuardSettings:
                 MIN_MAX_WAIT_SECONDS,
                 limit,
                 why=(
-                    f"no longer than min({MAX_HEARTBEATS} x {K.HEARTBEAT_TIMEOUT}, 48 h) = {limit} s, "
-                    "the longest Auto Scaling lets an instance wait"
+                    f"no longer than min({MAX_HEARTBEATS} x {K.HEARTBEAT_TIMEOUT}, 48 h) - "
+                    f"{K.HEARTBEAT_TIMEOUT} = {limit} s: the longest Auto Scaling lets an instance wait, "
+                    "less one heartbeat of margin so that maxWaitResult always acts before AWS's timeout"
                 ),
             )
         for key, result in (
@@ -160,6 +165,12 @@ class GuardSettings:
         problems += _in_range(K.CLOCK_SKEW, self.clock_skew_seconds, *CLOCK_SKEW_RANGE)
         problems += _in_range(K.LEGACY_STALE, self.legacy_stale_seconds, *LEGACY_STALE_RANGE)
         problems += _in_range(K.RELEASED_TTL, self.released_ttl_seconds, *RELEASED_TTL_RANGE)
+        low, high = RESERVED_CONCURRENCY_RANGE
+        if not low <= self.reserved_concurrency <= high:
+            problems.append(
+                f"{K.RESERVED_CONCURRENCY} must be between {low} and {high} (concurrent guard invocations: "
+                f"a tick and an event at least); got {self.reserved_concurrency}"
+            )
         return problems
 
 
@@ -257,6 +268,7 @@ class BusyGuardConfig:
             "clock_skew_seconds": reader.seconds(K.CLOCK_SKEW),
             "legacy_stale_seconds": reader.seconds(K.LEGACY_STALE),
             "released_ttl_seconds": reader.seconds(K.RELEASED_TTL),
+            "reserved_concurrency": reader.whole(K.RESERVED_CONCURRENCY),
         }
         app_values = {
             "stack_name": reader.text(K.STACK_NAME),
@@ -302,6 +314,9 @@ class _Reader:
         return value.strip()
 
     def seconds(self, key: str) -> int:
+        return self.whole(key, unit=" of seconds")
+
+    def whole(self, key: str, *, unit: str = "") -> int:
         value = self._raw(key)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -309,7 +324,7 @@ class _Reader:
             return int(value)
         if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
             return int(value)
-        self.problems.append(f"{key} must be a whole number of seconds; got {value!r}")
+        self.problems.append(f"{key} must be a whole number{unit}; got {value!r}")
         return int(DEFAULTS[key])
 
     def flag(self, key: str) -> bool:

@@ -25,13 +25,14 @@ ASSET_EXCLUDES: Final = (
 
 HANDLER: Final = "busy_guard.guard.handler.handler"
 
-# Powertools for AWS Lambda (Python) v3, the public layer built for Python 3.13 on arm64.
-# Version 27 is the one the project's own install docs pin (docs/index.md, updated from 18 to 27 in
-# aws-powertools/powertools-lambda-python PR #7757). Newer versions exist; bump deliberately, after
-# running the guard's tests against the matching aws-lambda-powertools release.
-POWERTOOLS_LAYER_ACCOUNT: Final = "017000801446"
-POWERTOOLS_LAYER_NAME: Final = "AWSLambdaPowertoolsPythonV3-python313-arm64"
-POWERTOOLS_LAYER_VERSION: Final = 27
+# The guard's third-party code (Powertools, pydantic, the X-Ray SDK), pinned in LAMBDA_REQUIREMENTS and
+# shipped as the stack's own layer: Powertools' public layer has a different account and version number
+# per region in GovCloud and its SSM parameters exist only in commercial regions (README, "Every
+# partition and region"). `make lambda-deps` builds LAMBDA_DEPS_DIR from LAMBDA_REQUIREMENTS.
+LAMBDA_REQUIREMENTS: Final = REPO_ROOT / "infra" / "lambda-requirements.txt"
+LAMBDA_DEPS_DIR: Final = REPO_ROOT / "build" / "lambda-deps"
+"""A layer's root: the packages are in ``python/``, which Lambda puts on ``sys.path``."""
+LAMBDA_DEPS_EXCLUDES: Final = ("**/__pycache__", "**/*.pyc", "bin")
 
 SERVICE_NAME: Final = "busy-guard"
 METRICS_NAMESPACE: Final = "BusyGuard"

@@ -72,6 +72,19 @@ class BusyGuardStack(Stack):
         )
         CfnOutput(
             self,
+            "OperatorPolicyArn",
+            description="Attach to the operators' role: exactly what busy-guard status and release call",
+            value=self.guard.operator_policy.policy.managed_policy_arn,
+            export_name=f"{self.stack_name}-OperatorPolicyArn",
+        )
+        CfnOutput(
+            self,
+            "DashboardName",
+            description="The CloudWatch dashboard to watch during a refresh",
+            value=self.guard.dashboard.dashboard.dashboard_name,
+        )
+        CfnOutput(
+            self,
             "GuardFunctionName",
             description="The guard Lambda (its log group holds every decision)",
             value=self.guard.function.function_name,

@@ -11,9 +11,10 @@ Usable on its own by a team that builds its Auto Scaling groups in CDK::
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
-from aws_cdk import ArnFormat, Duration, RemovalPolicy, Stack
+from aws_cdk import Annotations, ArnFormat, Duration, RemovalPolicy, Stack, Token
 from aws_cdk import aws_autoscaling as autoscaling
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_events as events
@@ -29,6 +30,7 @@ from cdk_nag import NagPackSuppression, NagSuppressions
 from constructs import Construct
 
 from busy_guard import schema
+from busy_guard import settings as S
 from busy_guard_infra.config import (
     RECONCILE_INTERVAL_SECONDS,
     ConfigError,
@@ -38,24 +40,28 @@ from busy_guard_infra.config import (
 from busy_guard_infra.constants import (
     ASSET_EXCLUDES,
     HANDLER,
+    LAMBDA_DEPS_DIR,
+    LAMBDA_DEPS_EXCLUDES,
     LAMBDAS_DIR,
     METRICS_NAMESPACE,
-    POWERTOOLS_LAYER_ACCOUNT,
-    POWERTOOLS_LAYER_NAME,
-    POWERTOOLS_LAYER_VERSION,
     SERVICE_NAME,
     TERMINATE_EVENT_DETAIL_TYPE,
     TERMINATE_EVENT_SOURCE,
     Env,
 )
 from busy_guard_infra.constructs.alarms import GuardAlarms
+from busy_guard_infra.constructs.dashboard import GuardDashboard
 from busy_guard_infra.constructs.hooks import GuardedGroupHooks
+from busy_guard_infra.constructs.operator_policy import OperatorPolicy
+from busy_guard_infra.constructs.update_policy import judge_update_policies
 
-TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem", "dynamodb:Scan")
-"""The guard's look and release are UpdateItems; the schedule tick scans for draining items and reads
-items in batches (BatchGetItem) or one at a time (GetItem). No PutItem, no DeleteItem: TTL deletes."""
+TABLE_ACTIONS = ("dynamodb:BatchGetItem", "dynamodb:UpdateItem", "dynamodb:Scan")
+"""The guard's look and release are UpdateItems; the schedule tick scans for marked items and reads
+the others in batches (BatchGetItem). No GetItem (the guard never reads one item alone: guard/table.py's
+``get`` is the CLI's), no PutItem, no DeleteItem: TTL deletes."""
 LIFECYCLE_ACTIONS = ("autoscaling:CompleteLifecycleAction", "autoscaling:RecordLifecycleActionHeartbeat")
-DESCRIBE_ACTIONS = ("autoscaling:DescribeAutoScalingGroups", "autoscaling:DescribeAutoScalingInstances")
+DESCRIBE_ACTIONS = ("autoscaling:DescribeAutoScalingGroups",)
+"""The tick lists the groups' instances; DescribeAutoScalingInstances is only the CLI's."""
 
 FUNCTION_TIMEOUT = Duration.seconds(50)
 """Under the one-minute schedule, so ticks never pile up; a tick is a scan, a few describes and a few
@@ -64,10 +70,32 @@ FUNCTION_MEMORY_MB = 1024
 """Lambda CPU scales with memory: a 1,000-instance tick is CPU-bound at 256 MB (~26 s estimated
 against the 50 s timeout) and ~7-8 s at 1,024 MB (docs/performance.md). Ticks last about a second,
 so the cost stays negligible."""
+ASYNC_RETRY_ATTEMPTS = 0
+"""A failed invocation from either rule is not run again by Lambda: the next tick, at most a minute
+away, is the retry, and it starts from the table and Auto Scaling's state instead of an old event.
+(Throttled invocations are still queued and retried by Lambda until ``ASYNC_MAX_EVENT_AGE``.)"""
+ASYNC_MAX_EVENT_AGE = Duration.minutes(15)
 STREAM_RETRY_ATTEMPTS = 5
 STREAM_MAX_RECORD_AGE = Duration.hours(1)
 QUEUE_RETENTION = Duration.days(14)
 
+RUNTIME_PINNED_REASON = (
+    "Python 3.13 is deliberate and supported: the dependencies layer is built for cp313 arm64 and the "
+    "guard is tested on 3.13. Move the runtime and the layer's wheels together, in one reviewed change, "
+    "when adopting 3.14."
+)
+GROUP_ARN_WILDCARD_REASON = (
+    "The wildcard is the group-id UUID in the ASG ARN, which Auto Scaling assigns at creation: "
+    "arn:...:autoScalingGroup:*:autoScalingGroupName/NAME is the documented way to scope "
+    "CompleteLifecycleAction and RecordLifecycleActionHeartbeat to one named group, and it matches only "
+    "that group name."
+)
+GROUP_ARN_FINDING = {
+    "regex": (
+        "/^Resource::arn:<AWS::Partition>:autoscaling:<AWS::Region>:<AWS::AccountId>"
+        ":autoScalingGroup:\\*:autoScalingGroupName\\/.+$/"
+    )
+}
 QUEUE_NOT_REDRIVEN_REASON = (
     "This queue is itself a dead-letter/on-failure destination: a DLQ behind it would only move the same "
     "undeliverable messages once more. Its depth is alarmed instead, and the one-minute reconcile repairs "
@@ -75,11 +103,71 @@ QUEUE_NOT_REDRIVEN_REASON = (
 )
 
 
-def powertools_layer_arn(region: str) -> str:
-    return (
-        f"arn:aws:lambda:{region}:{POWERTOOLS_LAYER_ACCOUNT}:layer:"
-        f"{POWERTOOLS_LAYER_NAME}:{POWERTOOLS_LAYER_VERSION}"
+ASSUMED_TOKEN_NAME_LENGTH = S.GROUP_NAME_LENGTH[1]
+"""A group name that is a token (a group created in the same app) is unknown at synth: its size is
+counted as the longest a name can be, and an overrun is a warning, not an error."""
+
+
+def size_problems(
+    names: Sequence[str], environment: dict[str, str], *, hook_name: str
+) -> tuple[list[str], list[str]]:
+    """(errors, warnings) for the sizes AWS limits: the lifecycle rule's event pattern (EventBridge's
+    default quota, in characters) and the function's environment (4 KB of keys and values).
+
+    Names that are tokens are counted at the longest a group name can be: exceeding a limit only
+    because of them is a warning, since their real length is known only at deploy time.
+    """
+    known = [name for name in names if not Token.is_unresolved(name)]
+    assumed = [name if name in known else "x" * ASSUMED_TOKEN_NAME_LENGTH for name in names]
+    errors: list[str] = []
+    warnings: list[str] = []
+
+    def judge(what: str, size_known: int, size_assumed: int, limit: int, unit: str, fix: str) -> None:
+        if size_known > limit:
+            errors.append(f"{what} would be {size_known} {unit}, over AWS's limit of {limit}: {fix}")
+        elif size_assumed > limit:
+            warnings.append(
+                f"{what} may be up to {size_assumed} {unit} (names known only at deploy counted at "
+                f"{ASSUMED_TOKEN_NAME_LENGTH} characters), over AWS's limit of {limit}: {fix}"
+            )
+
+    def pattern_size(group_names: Sequence[str]) -> int:
+        pattern = {
+            "account": ["0" * 12],
+            "source": [TERMINATE_EVENT_SOURCE],
+            "detail-type": [TERMINATE_EVENT_DETAIL_TYPE],
+            "detail": {"AutoScalingGroupName": list(group_names), "LifecycleHookName": [hook_name]},
+        }
+        return len(json.dumps(pattern, separators=(",", ":")))
+
+    judge(
+        "the lifecycle rule's event pattern",
+        pattern_size(known),
+        pattern_size(assumed),
+        S.EVENT_PATTERN_MAX_CHARS,
+        "characters",
+        "guard fewer groups per stack, or shorter names (the quota can be raised to 4096 on request)",
     )
+
+    def environment_size(group_names: Sequence[str]) -> int:
+        total = 0
+        for key, value in environment.items():
+            if key == Env.ASG_NAMES:
+                value = ",".join(group_names)
+            elif Token.is_unresolved(value):
+                value = "x" * (12 if key == Env.ACCOUNT_ID else S.TABLE_NAME_LENGTH[1])
+            total += len(key.encode()) + len(value.encode())
+        return total
+
+    judge(
+        "the guard function's environment",
+        environment_size(known),
+        environment_size(assumed),
+        S.LAMBDA_ENVIRONMENT_MAX_BYTES,
+        "bytes",
+        "guard fewer groups per stack, or shorter names",
+    )
+    return errors, warnings
 
 
 def group_arn(scope: Construct, group_name: str) -> str:
@@ -100,6 +188,9 @@ class BusyGuard(Construct):
     """Holds terminating instances of the given groups while the busy table says they are busy.
 
     Give the groups by name (``group_names``, created elsewhere) or as CDK objects (``groups``), or both.
+    Each ``AutoScalingGroup`` object's update policy is judged (see ``update_policy``): a replacing
+    update is refused, a rolling update gets a warning, an instance refresh is accepted, and
+    ``add_instance_refresh=True`` gives a group without one a launch-before-terminate refresh.
     """
 
     def __init__(
@@ -114,6 +205,7 @@ class BusyGuard(Construct):
         alarm_topic: sns.ITopic | None = None,
         log_retention: logs.RetentionDays = logs.RetentionDays.ONE_MONTH,
         log_removal_policy: RemovalPolicy = RemovalPolicy.RETAIN,
+        add_instance_refresh: bool = False,
     ) -> None:
         super().__init__(scope, construct_id)
         settings = settings or GuardSettings()
@@ -123,13 +215,15 @@ class BusyGuard(Construct):
         if problems:
             raise ConfigError(problems)
         self.settings = settings
+        judge_update_policies(self, groups, add_instance_refresh=add_instance_refresh)
         all_names = [*group_names, *(group.auto_scaling_group_name for group in groups)]
+        stack = Stack.of(self)
 
         # --- where undelivered and failed work goes ------------------------------------------------
         self.event_dlq = self._queue("EventTargetDlq")
         """EventBridge could not invoke the function (both rules' targets)."""
         self.invoke_failure_queue = self._queue("InvokeFailureQueue")
-        """The function failed on an event after Lambda's async retries."""
+        """The function failed on an event (no async retries: the next tick is the retry)."""
         self.stream_failure_queue = self._queue("StreamFailureQueue")
         """Stream batches that still failed after bisecting and retrying (records' metadata only)."""
 
@@ -144,6 +238,23 @@ class BusyGuard(Construct):
             description="busy-guard Lambda: reads/marks the busy table, completes and heartbeats its hooks",
         )
         self.log_group.grant_write(self.role)
+        environment = {
+            Env.TABLE: table.table_name,
+            Env.ASG_NAMES: ",".join(all_names),
+            Env.HOOK_NAME: settings.hook_name,
+            Env.HEARTBEAT_TIMEOUT: str(settings.heartbeat_timeout_seconds),
+            Env.MAX_WAIT: str(settings.max_wait_seconds),
+            Env.MAX_WAIT_RESULT: settings.max_wait_result,
+            Env.CLOCK_SKEW: str(settings.clock_skew_seconds),
+            Env.LEGACY_STALE: str(settings.legacy_stale_seconds),
+            Env.RECONCILE_INTERVAL: str(RECONCILE_INTERVAL_SECONDS),
+            Env.RELEASED_TTL: str(settings.released_ttl_seconds),
+            Env.ACCOUNT_ID: stack.account,
+            "POWERTOOLS_SERVICE_NAME": SERVICE_NAME,
+            "POWERTOOLS_METRICS_NAMESPACE": METRICS_NAMESPACE,
+            "POWERTOOLS_LOG_LEVEL": "INFO",
+        }
+        self._check_sizes(all_names, environment)
         self.function = lambda_.Function(
             self,
             "Function",
@@ -152,35 +263,17 @@ class BusyGuard(Construct):
             architecture=lambda_.Architecture.ARM_64,
             handler=HANDLER,
             code=lambda_.Code.from_asset(str(LAMBDAS_DIR), exclude=list(ASSET_EXCLUDES)),
-            layers=[
-                lambda_.LayerVersion.from_layer_version_arn(
-                    self, "PowertoolsLayer", powertools_layer_arn(Stack.of(self).region)
-                )
-            ],
+            layers=[self._dependencies_layer()],
             role=self.role,
             log_group=self.log_group,
             tracing=lambda_.Tracing.ACTIVE,
             timeout=FUNCTION_TIMEOUT,
             memory_size=FUNCTION_MEMORY_MB,
-            # Async invocations (both rules): a stale event is worth little, the next tick redoes it.
-            retry_attempts=2,
-            max_event_age=Duration.minutes(15),
+            reserved_concurrent_executions=settings.reserved_concurrency,
+            retry_attempts=ASYNC_RETRY_ATTEMPTS,
+            max_event_age=ASYNC_MAX_EVENT_AGE,
             on_failure=destinations.SqsDestination(self.invoke_failure_queue),
-            environment={
-                Env.TABLE: table.table_name,
-                Env.ASG_NAMES: ",".join(all_names),
-                Env.HOOK_NAME: settings.hook_name,
-                Env.HEARTBEAT_TIMEOUT: str(settings.heartbeat_timeout_seconds),
-                Env.MAX_WAIT: str(settings.max_wait_seconds),
-                Env.MAX_WAIT_RESULT: settings.max_wait_result,
-                Env.CLOCK_SKEW: str(settings.clock_skew_seconds),
-                Env.LEGACY_STALE: str(settings.legacy_stale_seconds),
-                Env.RECONCILE_INTERVAL: str(RECONCILE_INTERVAL_SECONDS),
-                Env.RELEASED_TTL: str(settings.released_ttl_seconds),
-                "POWERTOOLS_SERVICE_NAME": SERVICE_NAME,
-                "POWERTOOLS_METRICS_NAMESPACE": METRICS_NAMESPACE,
-                "POWERTOOLS_LOG_LEVEL": "INFO",
-            },
+            environment=environment,
         )
 
         # --- least privilege -----------------------------------------------------------------------
@@ -206,6 +299,7 @@ class BusyGuard(Construct):
             "LifecycleRule",
             description="busy-guard: a guarded group wants to terminate an instance",
             event_pattern=events.EventPattern(
+                account=[stack.account],
                 source=[TERMINATE_EVENT_SOURCE],
                 detail_type=[TERMINATE_EVENT_DETAIL_TYPE],
                 detail={"AutoScalingGroupName": all_names, "LifecycleHookName": [settings.hook_name]},
@@ -267,8 +361,55 @@ class BusyGuard(Construct):
             },
             alarm_topic=alarm_topic,
         )
+        if alarm_topic is None:
+            Annotations.of(self).add_warning_v2(
+                "busy-guard:no-alarm-topic",
+                "No alarm topic (alarmTopicArn, or BusyGuard's alarm_topic): the guard's alarms notify "
+                "nobody. A failing guard, lost events and interrupted work then show only on the dashboard.",
+            )
+        self.dashboard = GuardDashboard(
+            self,
+            "Dashboard",
+            function=self.function,
+            queues={
+                "EventTargetDlq": self.event_dlq,
+                "InvokeFailureQueue": self.invoke_failure_queue,
+                "StreamFailureQueue": self.stream_failure_queue,
+            },
+        )
+        self.operator_policy = OperatorPolicy(
+            self,
+            "OperatorPolicy",
+            table=table,
+            group_arns=[group_arn(self, name) for name in all_names],
+        )
 
         self._suppress_nag_findings()
+
+    def _dependencies_layer(self) -> lambda_.ILayerVersion:
+        """Powertools and the rest of the guard's pinned dependencies, as this stack's own layer: the
+        same in every partition and region, and exactly the versions the tests run."""
+        if not (LAMBDA_DEPS_DIR / "python").is_dir():
+            raise ConfigError(
+                [f"the guard's dependencies are not built: run `make lambda-deps` (expected {LAMBDA_DEPS_DIR})"]
+            )
+        return lambda_.LayerVersion(
+            self,
+            "DependenciesLayer",
+            description="busy-guard: Powertools, pydantic and the X-Ray SDK (infra/lambda-requirements.txt)",
+            code=lambda_.Code.from_asset(str(LAMBDA_DEPS_DIR), exclude=list(LAMBDA_DEPS_EXCLUDES)),
+            compatible_runtimes=[lambda_.Runtime.PYTHON_3_13],
+            compatible_architectures=[lambda_.Architecture.ARM_64],
+        )
+
+    def _check_sizes(self, names: Sequence[str], environment: dict[str, str]) -> None:
+        """The group names go into the lifecycle rule's pattern and the function's environment, both of
+        which AWS limits in size. A deploy would fail late and half-way, so synth fails first."""
+        problems, unsure = size_problems(names, environment, hook_name=self.settings.hook_name)
+        if problems:
+            raise ConfigError(problems)
+        for warning in unsure:
+            Annotations.of(self).add_warning_v2("busy-guard:size-unknown", warning)
 
     def _queue(self, construct_id: str) -> sqs.Queue:
         queue = sqs.Queue(
@@ -279,7 +420,11 @@ class BusyGuard(Construct):
             retention_period=QUEUE_RETENTION,
         )
         NagSuppressions.add_resource_suppressions(
-            queue, [NagPackSuppression(id="AwsSolutions-SQS3", reason=QUEUE_NOT_REDRIVEN_REASON)]
+            queue,
+            [
+                NagPackSuppression(id=rule, reason=QUEUE_NOT_REDRIVEN_REASON)
+                for rule in ("AwsSolutions-SQS3", "Serverless-SQSRedrivePolicy")
+            ],
         )
         return queue
 
@@ -287,14 +432,37 @@ class BusyGuard(Construct):
         NagSuppressions.add_resource_suppressions(
             self.function,
             [
+                *(
+                    NagPackSuppression(id=rule, reason=RUNTIME_PINNED_REASON)
+                    for rule in ("AwsSolutions-L1", "Serverless-LambdaLatestVersion")
+                ),
                 NagPackSuppression(
-                    id="AwsSolutions-L1",
+                    id="Serverless-LambdaDLQ",
                     reason=(
-                        "Python 3.13 is deliberate and supported: the pinned Powertools layer is its "
-                        "python313-arm64 build and the guard is tested on 3.13. Move the runtime and the "
-                        "layer together, in one reviewed change, when adopting 3.14."
+                        "Failed async invocations go to an on-failure destination (InvokeFailureQueue, "
+                        "EventInvokeConfig), which Lambda recommends over a DeadLetterConfig and which "
+                        "records the error too; stream batches have their own on-failure queue. A DLQ "
+                        "as well would split the same failures over two queues."
                     ),
-                )
+                ),
+            ],
+        )
+        NagSuppressions.add_resource_suppressions(
+            self.operator_policy.policy,
+            [
+                NagPackSuppression(
+                    id="AwsSolutions-IAM5",
+                    reason=(
+                        "Resource '*' only for autoscaling:DescribeAutoScalingGroups and "
+                        "DescribeAutoScalingInstances, which have no resource-level permissions: status "
+                        "lists the guarded groups and release finds an instance's group. The table and "
+                        "the lifecycle actions are scoped to their resources."
+                    ),
+                    applies_to=["Resource::*"],
+                ),
+                NagPackSuppression(
+                    id="AwsSolutions-IAM5", reason=GROUP_ARN_WILDCARD_REASON, applies_to=[GROUP_ARN_FINDING]
+                ),
             ],
         )
         NagSuppressions.add_resource_suppressions(
@@ -312,21 +480,7 @@ class BusyGuard(Construct):
                     applies_to=["Resource::*"],
                 ),
                 NagPackSuppression(
-                    id="AwsSolutions-IAM5",
-                    reason=(
-                        "The wildcard is the group-id UUID in the ASG ARN, which Auto Scaling assigns at "
-                        "creation: arn:...:autoScalingGroup:*:autoScalingGroupName/NAME is the documented "
-                        "way to scope CompleteLifecycleAction and RecordLifecycleActionHeartbeat to one "
-                        "named group, and it matches only that group name."
-                    ),
-                    applies_to=[
-                        {
-                            "regex": (
-                                "/^Resource::arn:<AWS::Partition>:autoscaling:<AWS::Region>:<AWS::AccountId>"
-                                ":autoScalingGroup:\\*:autoScalingGroupName\\/.+$/"
-                            )
-                        }
-                    ],
+                    id="AwsSolutions-IAM5", reason=GROUP_ARN_WILDCARD_REASON, applies_to=[GROUP_ARN_FINDING]
                 ),
             ],
             apply_to_children=True,
