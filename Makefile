@@ -59,7 +59,7 @@ install: $(STAMP) $(NODE_STAMP) $(LAMBDA_DEPS_STAMP)
 demo: $(DEMO_STAMP)
 	$(BIN)/busy-guard demo
 
-SOURCES := $(wildcard lambdas infra tests)
+SOURCES := $(wildcard lambdas infra tests examples)
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(SOURCES)
@@ -75,7 +75,7 @@ pytest: $(STAMP) $(NODE_STAMP) $(LAMBDA_DEPS_STAMP)
 synth: $(STAMP) $(NODE_STAMP) $(LAMBDA_DEPS_STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" npx --no-install cdk synth --quiet
 	PATH="$(CURDIR)/$(BIN):$$PATH" npx --no-install cdk synth --quiet \
-	  --app "python3 examples/guarded_group/app.py" --output cdk.out/examples/guarded_group
+	  --app "python3 examples/guarded_group/guarded_group_app.py" --output cdk.out/examples/guarded_group
 
 test: lint typecheck pytest synth
 

@@ -760,7 +760,8 @@ def test_groups_given_as_cdk_objects_get_the_same_hook_iam_and_pattern(team: Tem
         for role in team.find_resources("AWS::IAM::Role").values()
         if "ec2.amazonaws.com" in json.dumps(role)
     ]
-    assert instance_role[0]["Properties"]["ManagedPolicyArns"] == [{"Ref": managed_policy(team, "Writers")[0]}]
+    writers_id, _ = managed_policy(team, "Writers")
+    assert instance_role[0]["Properties"]["ManagedPolicyArns"] == [{"Ref": writers_id}]
 
 
 def test_the_construct_refuses_no_groups_and_a_table_without_stream() -> None:

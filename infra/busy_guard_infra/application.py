@@ -22,8 +22,8 @@ def add_nag_packs(app: App) -> None:
 def build_app(
     context: Mapping[str, Any] | None = None, *, outdir: str | None = None
 ) -> tuple[App, BusyGuardStack]:
-    """The app with its one stack and the AwsSolutions and Serverless checks. Raises ``ConfigError`` before building
-    anything when the context is invalid.
+    """The app with its one stack and the AwsSolutions and Serverless checks. Raises ``ConfigError``
+    before building anything when the context is invalid.
 
     ``context`` adds to (and overrides) what the CDK CLI passes in, so tests can give the ``cdk.json``
     context plus overrides, as ``cdk synth -c`` would.

@@ -43,16 +43,7 @@ class GuardDashboard(Construct):
         queues: Mapping[str, sqs.IQueue],
     ) -> None:
         super().__init__(scope, construct_id)
-        waiting = cloudwatch.MathExpression(
-            # Each heartbeat is one instance still held (a heartbeat is sent when a third of the
-            # HeartbeatTimeout has passed), so heartbeats per period track how many are waiting.
-            expression="heartbeats",
-            using_metrics={
-                "heartbeats": guard_metric(MetricName.HEARTBEATS, statistic="Sum", label="heartbeats")
-            },
-            label="instances held (heartbeats per minute)",
-            period=PERIOD,
-        )
+        waiting = guard_metric(MetricName.INSTANCES_WAITING, statistic="Maximum", label="held by our hook")
         completions = [
             guard_metric(MetricName.COMPLETED, statistic="Sum", label=reason, reason=reason)
             for reason in COMPLETION_REASONS

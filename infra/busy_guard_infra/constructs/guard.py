@@ -92,8 +92,8 @@ GROUP_ARN_WILDCARD_REASON = (
 )
 GROUP_ARN_FINDING = {
     "regex": (
-        "/^Resource::arn:<AWS::Partition>:autoscaling:<AWS::Region>:<AWS::AccountId>"
-        ":autoScalingGroup:\\*:autoScalingGroupName\\/.+$/"
+        # partition, region and account as tokens or, in a stack with an environment, as literals
+        "/^Resource::arn:.+:autoscaling:.+:autoScalingGroup:\\*:autoScalingGroupName\\/.+$/"
     )
 }
 QUEUE_NOT_REDRIVEN_REASON = (
@@ -119,17 +119,6 @@ def size_problems(
     """
     known = [name for name in names if not Token.is_unresolved(name)]
     assumed = [name if name in known else "x" * ASSUMED_TOKEN_NAME_LENGTH for name in names]
-    errors: list[str] = []
-    warnings: list[str] = []
-
-    def judge(what: str, size_known: int, size_assumed: int, limit: int, unit: str, fix: str) -> None:
-        if size_known > limit:
-            errors.append(f"{what} would be {size_known} {unit}, over AWS's limit of {limit}: {fix}")
-        elif size_assumed > limit:
-            warnings.append(
-                f"{what} may be up to {size_assumed} {unit} (names known only at deploy counted at "
-                f"{ASSUMED_TOKEN_NAME_LENGTH} characters), over AWS's limit of {limit}: {fix}"
-            )
 
     def pattern_size(group_names: Sequence[str]) -> int:
         pattern = {
@@ -140,33 +129,40 @@ def size_problems(
         }
         return len(json.dumps(pattern, separators=(",", ":")))
 
-    judge(
-        "the lifecycle rule's event pattern",
-        pattern_size(known),
-        pattern_size(assumed),
-        S.EVENT_PATTERN_MAX_CHARS,
-        "characters",
-        "guard fewer groups per stack, or shorter names (the quota can be raised to 4096 on request)",
-    )
-
     def environment_size(group_names: Sequence[str]) -> int:
-        total = 0
+        sizes = {key: len(value.encode()) for key, value in environment.items()}
+        sizes[Env.ASG_NAMES] = len(",".join(group_names).encode())
         for key, value in environment.items():
-            if key == Env.ASG_NAMES:
-                value = ",".join(group_names)
-            elif Token.is_unresolved(value):
-                value = "x" * (12 if key == Env.ACCOUNT_ID else S.TABLE_NAME_LENGTH[1])
-            total += len(key.encode()) + len(value.encode())
-        return total
+            if key != Env.ASG_NAMES and Token.is_unresolved(value):
+                sizes[key] = 12 if key == Env.ACCOUNT_ID else S.TABLE_NAME_LENGTH[1]
+        return sum(len(key.encode()) for key in environment) + sum(sizes.values())
 
-    judge(
-        "the guard function's environment",
-        environment_size(known),
-        environment_size(assumed),
-        S.LAMBDA_ENVIRONMENT_MAX_BYTES,
-        "bytes",
-        "guard fewer groups per stack, or shorter names",
+    checks = (
+        (
+            "the lifecycle rule's event pattern",
+            pattern_size,
+            S.EVENT_PATTERN_MAX_CHARS,
+            "characters",
+            "guard fewer groups per stack, or shorter names (the quota can be raised to 4096 on request)",
+        ),
+        (
+            "the guard function's environment",
+            environment_size,
+            S.LAMBDA_ENVIRONMENT_MAX_BYTES,
+            "bytes",
+            "guard fewer groups per stack, or shorter names",
+        ),
     )
+    errors: list[str] = []
+    warnings: list[str] = []
+    for what, size, limit, unit, fix in checks:
+        if size(known) > limit:
+            errors.append(f"{what} would be {size(known)} {unit}, over AWS's limit of {limit}: {fix}")
+        elif size(assumed) > limit:
+            warnings.append(
+                f"{what} may be up to {size(assumed)} {unit} (names known only at deploy counted at "
+                f"{ASSUMED_TOKEN_NAME_LENGTH} characters), over AWS's limit of {limit}: {fix}"
+            )
     return errors, warnings
 
 
@@ -391,7 +387,7 @@ class BusyGuard(Construct):
         same in every partition and region, and exactly the versions the tests run."""
         if not (LAMBDA_DEPS_DIR / "python").is_dir():
             raise ConfigError(
-                [f"the guard's dependencies are not built: run `make lambda-deps` (expected {LAMBDA_DEPS_DIR})"]
+                [f"the guard's dependencies are not built: run `make lambda-deps` ({LAMBDA_DEPS_DIR})"]
             )
         return lambda_.LayerVersion(
             self,

@@ -19,8 +19,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jsii
-from aws_cdk import Annotations, CfnAutoScalingInstanceRefresh, CfnAutoScalingInstanceRefreshPreferences
-from aws_cdk import CfnUpdatePolicy
+from aws_cdk import (
+    Annotations,
+    CfnAutoScalingInstanceRefresh,
+    CfnAutoScalingInstanceRefreshPreferences,
+    CfnUpdatePolicy,
+)
 from aws_cdk import aws_autoscaling as autoscaling
 from constructs import Construct, IValidation
 
