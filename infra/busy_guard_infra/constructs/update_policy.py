@@ -12,6 +12,12 @@
 ``add_instance_refresh=True`` sets a launch-before-terminate refresh (``MinHealthyPercentage`` 100,
 ``MaxHealthyPercentage`` 110) on a group that has no replacing, rolling or refresh policy, so a held
 instance never costs capacity. Groups given by name, or imported, are not CDK's to judge.
+
+Sources: the CloudFormation Template Reference, "UpdatePolicy attribute" (AutoScalingInstanceRefresh
+section: the properties that trigger a refresh, one refresh per group at a time, each stack-update
+direction bounded by CloudFormation's 36-hour resource timeout), and aws-cdk-lib's
+``UpdatePolicy.instance_refresh`` (2.263+), whose ``bakeTime`` is counted "after an instance refresh
+completes successfully before CloudFormation considers the update successful": the update waits.
 """
 
 from __future__ import annotations
