@@ -222,6 +222,12 @@ class BusyGuard(Construct):
         """The function failed on an event (no async retries: the next tick is the retry)."""
         self.stream_failure_queue = self._queue("StreamFailureQueue")
         """Stream batches that still failed after bisecting and retrying (records' metadata only)."""
+        self.queues = {
+            "EventTargetDlq": self.event_dlq,
+            "InvokeFailureQueue": self.invoke_failure_queue,
+            "StreamFailureQueue": self.stream_failure_queue,
+        }
+        """Every queue of undelivered or failed work, by name: alarmed and on the dashboard."""
 
         # --- the function ----------------------------------------------------------------------------
         self.log_group = logs.LogGroup(
@@ -350,11 +356,7 @@ class BusyGuard(Construct):
             self,
             "Alarms",
             function=self.function,
-            queues={
-                "EventTargetDlq": self.event_dlq,
-                "InvokeFailureQueue": self.invoke_failure_queue,
-                "StreamFailureQueue": self.stream_failure_queue,
-            },
+            queues=self.queues,
             alarm_topic=alarm_topic,
         )
         if alarm_topic is None:
@@ -367,11 +369,7 @@ class BusyGuard(Construct):
             self,
             "Dashboard",
             function=self.function,
-            queues={
-                "EventTargetDlq": self.event_dlq,
-                "InvokeFailureQueue": self.invoke_failure_queue,
-                "StreamFailureQueue": self.stream_failure_queue,
-            },
+            queues=self.queues,
         )
         self.operator_policy = OperatorPolicy(
             self,
