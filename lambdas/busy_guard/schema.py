@@ -10,6 +10,8 @@ the guard (low-level clients) and the stream records all speak it. The layout is
     last_destructive_op_kind S
     draining                 M   {since, asg, hook}: the guard has looked; no new leases
     released                 M   {at, reason, by}: the hook was completed
+    maintenance              M   {since, by, reason, token, forced}: an in-place drain; no new leases
+    last_maintenance         M   {since, ended_at, by, reason, forced, result}: the last drain's record
     expires_at               N   TTL, set on release, removed by begin
     active_leases            SS  legacy "<iso started_at>|<kind>|<id>", read only
 """
@@ -32,6 +34,8 @@ DRAINING = "draining"
 RELEASED = "released"
 TTL = "expires_at"
 LEGACY_LEASES = "active_leases"
+MAINTENANCE = "maintenance"
+LAST_MAINTENANCE = "last_maintenance"
 
 # fields of a lease
 KIND = "kind"
@@ -47,6 +51,11 @@ AT = "at"
 REASON = "reason"
 BY = "by"
 CONFIRMED_AT = "confirmed_at"
+# fields of maintenance / last_maintenance
+TOKEN = "token"  # noqa: S105 - an attribute name: the drain run's id, not a secret
+FORCED = "forced"
+ENDED_AT = "ended_at"
+RESULT = "result"
 
 Item = Mapping[str, Any]
 """A busy-table item in DynamoDB wire format."""
@@ -85,6 +94,31 @@ class Released:
 
 
 @dataclass(frozen=True)
+class Maintenance:
+    """An in-place drain (``busy-guard drain``): writers refuse new leases, as for ``draining``, but
+    the guard never reads it as a termination and never clears it. ``token`` names one drain run:
+    only that run (or ``undrain``, which reads it first) removes the mark."""
+
+    since: float
+    by: str
+    reason: str
+    token: str
+    forced: bool = False
+
+
+@dataclass(frozen=True)
+class MaintenanceRecord:
+    """What the last drain did, left on the item when its mark is cleared (who, why, forced, result)."""
+
+    since: float
+    ended_at: float
+    by: str
+    reason: str
+    forced: bool
+    result: str
+
+
+@dataclass(frozen=True)
 class LegacyLease:
     """One entry of the legacy ``active_leases`` string set."""
 
@@ -110,6 +144,8 @@ class BusyState:
     last_op_kind: str | None = None
     draining: Draining | None = None
     released: Released | None = None
+    maintenance: Maintenance | None = None
+    last_maintenance: MaintenanceRecord | None = None
     expires_at: float | None = None
     legacy_leases: tuple[LegacyLease, ...] = ()
     problems: tuple[str, ...] = field(default=())
@@ -178,6 +214,8 @@ def parse_item(item: Item | None, instance_id: str = "") -> BusyState:
         last_op_kind=_string(item.get(LAST_OP_KIND)),
         draining=_parse_draining(item.get(DRAINING), problems),
         released=_parse_released(item.get(RELEASED), problems),
+        maintenance=_parse_maintenance(item.get(MAINTENANCE), problems),
+        last_maintenance=_parse_last_maintenance(item.get(LAST_MAINTENANCE)),
         expires_at=_number(item.get(TTL)),
         legacy_leases=legacy_leases,
         unreadable_markers=unreadable,
@@ -255,6 +293,38 @@ def _parse_released(value: Any, problems: list[str]) -> Released | None:
     )
 
 
+def _parse_maintenance(value: Any, problems: list[str]) -> Maintenance | None:
+    if value is None:
+        return None
+    fields = _map(value)
+    since = _number(fields.get(SINCE)) if fields is not None else None
+    if fields is None or since is None:
+        # Like an unreadable draining mark: writers keep refusing; `undrain` can still clear it.
+        problems.append(f"{MAINTENANCE} is unreadable; treated as in maintenance since the epoch")
+        return Maintenance(since=0.0, by="", reason="", token=_string((fields or {}).get(TOKEN)) or "")
+    return Maintenance(
+        since=since,
+        by=_string(fields.get(BY)) or "",
+        reason=_string(fields.get(REASON)) or "",
+        token=_string(fields.get(TOKEN)) or "",
+        forced=_bool(fields.get(FORCED)),
+    )
+
+
+def _parse_last_maintenance(value: Any) -> MaintenanceRecord | None:
+    fields = _map(value)
+    if fields is None:
+        return None
+    return MaintenanceRecord(
+        since=_number(fields.get(SINCE)) or 0.0,
+        ended_at=_number(fields.get(ENDED_AT)) or 0.0,
+        by=_string(fields.get(BY)) or "",
+        reason=_string(fields.get(REASON)) or "",
+        forced=_bool(fields.get(FORCED)),
+        result=_string(fields.get(RESULT)) or "",
+    )
+
+
 def _parse_legacy_leases(value: Any, problems: list[str]) -> tuple[LegacyLease, ...]:
     if value is None:
         return ()
@@ -289,6 +359,10 @@ def _number(value: Any) -> float | None:
     except (TypeError, ValueError, OverflowError):  # OverflowError: a Python int beyond float range
         return None
     return number if math.isfinite(number) else None
+
+
+def _bool(value: Any) -> bool:
+    return isinstance(value, Mapping) and value.get("BOOL") is True
 
 
 def _map(value: Any) -> Mapping[str, Any] | None:
@@ -328,8 +402,11 @@ def key(instance_id: str) -> dict[str, dict[str, str]]:
 
 
 # --- update expressions: the writer -------------------------------------------------------------
+# A new lease is refused while the guard drains the instance for a termination, while an operator
+# drains it for maintenance, and while a release of this boot stands.
 _DRAIN_CLAUSE = (
-    "attribute_not_exists(#draining) AND (attribute_not_exists(#released) OR #released.#at < :boot)"
+    "attribute_not_exists(#draining) AND attribute_not_exists(#maintenance)"
+    " AND (attribute_not_exists(#released) OR #released.#at < :boot)"
 )
 
 
@@ -362,6 +439,7 @@ def begin_update(lease: Lease, *, boot_time: float, create_map: bool) -> UpdateR
         "#last_at": LAST_OP_AT,
         "#last_kind": LAST_OP_KIND,
         "#draining": DRAINING,
+        "#maintenance": MAINTENANCE,
         "#released": RELEASED,
         "#at": AT,
         "#ttl": TTL,
@@ -599,6 +677,69 @@ def clear_release_update(released_at: float) -> UpdateRequest:
         "ConditionExpression": "attribute_not_exists(#draining) AND #released.#at = :at",
         "ExpressionAttributeNames": {"#released": RELEASED, "#ttl": TTL, "#draining": DRAINING, "#at": AT},
         "ExpressionAttributeValues": {":at": num(released_at)},
+    }
+
+
+# --- update expressions: maintenance (`busy-guard drain`) ------------------------------------------
+def maintenance_value(mark: Maintenance) -> dict[str, Any]:
+    return {
+        "M": {
+            SINCE: num(mark.since),
+            BY: string(mark.by),
+            REASON: string(mark.reason),
+            TOKEN: string(mark.token),
+            FORCED: {"BOOL": mark.forced},
+        }
+    }
+
+
+def begin_maintenance_update(mark: Maintenance) -> UpdateRequest:
+    """Mark the instance in maintenance, only if no other drain holds it.
+
+    One conditional write, so two operators (or two CI jobs) can never both believe they own the
+    instance: the loser gets the winner's mark back (``ALL_OLD``) to name it. ``draining`` and
+    ``released`` are left alone: they are the guard's, and a termination in progress stays guarded.
+    From this write on, every writer's begin fails its ``attribute_not_exists(#maintenance)``.
+    """
+    return {
+        "UpdateExpression": "SET #maintenance = :mark",
+        "ConditionExpression": "attribute_not_exists(#maintenance)",
+        "ExpressionAttributeNames": {"#maintenance": MAINTENANCE},
+        "ExpressionAttributeValues": {":mark": maintenance_value(mark)},
+        "ReturnValues": "ALL_NEW",
+        "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+    }
+
+
+def end_maintenance_update(mark: Maintenance, *, ended_at: float, result: str) -> UpdateRequest:
+    """Remove this drain's own mark and leave a record of it (who, why, forced, how it ended).
+
+    Conditioned on the mark's token: a drain that outlived its mark (``undrain`` cleared it, and
+    another drain took the instance since) must never clear the newer drain's mark. Never touches
+    ``draining``: a termination that arrived meanwhile is still the guard's to release.
+    """
+    record = {
+        SINCE: num(mark.since),
+        ENDED_AT: num(ended_at),
+        BY: string(mark.by),
+        REASON: string(mark.reason),
+        FORCED: {"BOOL": mark.forced},
+        RESULT: string(result),
+    }
+    names = {"#maintenance": MAINTENANCE, "#last": LAST_MAINTENANCE}
+    values: dict[str, Any] = {":record": {"M": record}}
+    if mark.token:
+        names["#token"] = TOKEN
+        values[":token"] = string(mark.token)
+        condition = "#maintenance.#token = :token"
+    else:  # an unreadable mark without a token (``undrain`` of a corrupt item): any mark at all
+        condition = "attribute_exists(#maintenance)"
+    return {
+        "UpdateExpression": "REMOVE #maintenance SET #last = :record",
+        "ConditionExpression": condition,
+        "ExpressionAttributeNames": names,
+        "ExpressionAttributeValues": values,
+        "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
     }
 
 

@@ -94,16 +94,23 @@ class WriterOptions(TypedDict, total=False):
 
 
 class InstanceDrainingError(RuntimeError):
-    """The guard is draining this instance for termination: no new destructive operation may start."""
+    """The guard is draining this instance for termination, or an operator for maintenance
+    (``busy-guard drain``): no new destructive operation may start."""
 
     def __init__(self, instance_id: str, state: schema.BusyState) -> None:
         self.instance_id = instance_id
         self.draining = state.draining
         self.released = state.released
+        self.maintenance = state.maintenance
         if state.draining is not None:
             why = f"draining since {schema.iso(state.draining.since)}"
             if state.draining.asg:
                 why += f" (group {state.draining.asg}, hook {state.draining.hook})"
+        elif state.maintenance is not None:
+            mark = state.maintenance
+            why = (
+                f"in maintenance since {schema.iso(mark.since)} (busy-guard drain by {mark.by[:128] or '?'})"
+            )
         elif state.released is not None:
             why = f"released for termination at {schema.iso(state.released.at)}"
         else:
@@ -145,9 +152,27 @@ _session: boto3.session.Session | None = None
 _logged_once: set[str] = set()
 
 
+def env_region() -> str | None:
+    """``AWS_REGION`` (what Lambda, the other SDKs and this library read), else botocore's own
+    ``AWS_DEFAULT_REGION``."""
+    return (
+        os.environ.get("AWS_REGION", "").strip() or os.environ.get("AWS_DEFAULT_REGION", "").strip() or None
+    )
+
+
+def resolve_region(session_region: str | None, endpoint_url: str | None) -> str | None:
+    """The region the writer's client uses: the environment, else the session's (profile), else,
+    on EC2 with no region configured anywhere, the instance's own from IMDS. None only off EC2
+    (or with an endpoint override, which needs no real region). The CLI's ``run`` uses it too."""
+    region = env_region() or session_region
+    if region is None and endpoint_url is None:
+        region = identity.imds_region()
+    return region
+
+
 def _shared_client(endpoint_url: str | None) -> DynamoDBClient:
     global _session  # noqa: PLW0603 - lazily created, never at import
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+    region = env_region()
     cache_key = (region, endpoint_url)
     with _state_lock:
         client = _clients.get(cache_key)
@@ -155,8 +180,7 @@ def _shared_client(endpoint_url: str | None) -> DynamoDBClient:
             # One private session, used under the lock (sessions are not thread-safe): later
             # clients reuse its loaded service models instead of parsing them again.
             _session = _session or boto3.session.Session()
-            if region is None and _session.region_name is None and endpoint_url is None:
-                region = identity.imds_region()  # on EC2 with no region configured anywhere
+            region = resolve_region(_session.region_name, endpoint_url)
             client = _session.client(
                 "dynamodb", region_name=region, endpoint_url=endpoint_url, config=CLIENT_CONFIG
             )
@@ -331,7 +355,8 @@ class _Writer:
             state = schema.parse_item(old, instance_id)
             if any(existing.lease_id == lease.lease_id for existing in state.leases):
                 return True  # a retried request whose first attempt had landed
-            if state.draining is not None or (state.released is not None and state.released.at >= boot):
+            refused = state.draining is not None or state.maintenance is not None
+            if refused or (state.released is not None and state.released.at >= boot):
                 raise _Refused(state)
             # Otherwise the map's presence was not what this form assumed (new item, guard-made
             # item, or a concurrent begin created it first): switch forms.

@@ -3,6 +3,9 @@
     busy-guard status  [--asg NAME ...] [--table NAME] [--json]
     busy-guard release INSTANCE_ID [--asg NAME] [--reason TEXT] [--yes]
     busy-guard run     [--kind KIND] [--instance-id ID] [--on-draining {refuse,warn}] -- CMD ...
+    busy-guard drain   (INSTANCE_ID | --asg NAME [--batch N]) [--max-wait 30m] [--force --reason TEXT]
+                       [-- CMD ...]
+    busy-guard undrain INSTANCE_ID
     busy-guard demo    [--speed FACTOR] [--scenario NAME ...]
 
 The AWS commands take ``--region``, ``--profile`` and ``--endpoint-url`` (passed to boto3) and
@@ -15,10 +18,14 @@ Exit codes:
     1    unexpected error (AWS unreachable, an AWS error not listed below, a bug)
     2    bad usage or configuration: bad arguments, missing table, unknown group, missing
          credentials or region; ``release`` not confirmed
-    3    ``release``: nothing to release (no lifecycle action of our hook is pending)
+    3    ``release``: nothing to release (no lifecycle action of our hook is pending);
+         ``undrain``: no maintenance mark
+    4    ``drain``: another drain holds the instance
     75   ``run``: refused, the instance is draining for termination (EX_TEMPFAIL)
-    126  ``run``: the command cannot be executed; 127: the command was not found
-    N    ``run``: the command's own exit status; 128+N when it was killed by signal N
+    124  ``drain``: ``--max-wait`` passed with work still running; the mark is cleared
+    126  ``run``/``drain``: the command cannot be executed; 127: the command was not found
+    130  interrupted (143: SIGTERM); ``drain`` clears its mark first
+    N    ``run``/``drain``: the command's own exit status; 128+N when it was killed by signal N
 
 Errors are one line on stderr; ``--debug`` adds the traceback. Only ``demo`` imports the sandbox
 (and so moto), and only when it runs.
@@ -34,7 +41,7 @@ from collections.abc import Callable, Sequence
 
 import boto3
 
-from busy_guard.cli import demo, release, run, status
+from busy_guard.cli import demo, drain, release, run, status
 from busy_guard.cli.common import (
     EXIT_CODES_HELP,
     EXIT_ERROR,
@@ -68,6 +75,7 @@ def build_parser() -> Parser:
             "  busy-guard status --asg graph-db\n"
             "  busy-guard release i-0123456789abcdef0 --asg graph-db --reason 'stuck load, INC-42'\n"
             "  busy-guard run --kind nightly_backfill -- ./backfill.sh --all\n"
+            "  busy-guard drain --asg graph-db --max-wait 30m -- ./restart-containers.sh\n"
             "  busy-guard demo\n\n" + EXIT_CODES_HELP
         ),
     )
@@ -76,6 +84,7 @@ def build_parser() -> Parser:
     status.add_parser(commands, aws=aws, hook=hook)
     release.add_parser(commands, aws=aws, hook=hook)
     run.add_parser(commands, aws=aws)
+    drain.add_parser(commands, aws=aws)
     demo.add_parser(commands)
     return parser
 
@@ -92,8 +101,16 @@ def main(
     ``session`` (default: a new one from ``--profile`` / ``--region``) and every age from ``clock``.
     """
     parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first `--` is CMD, parsed by nobody: argparse would otherwise take the
+    # command's first word for drain's optional INSTANCE_ID.
+    split = words.index("--") if "--" in words else len(words)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(words[:split])
+        if split < len(words):
+            if not hasattr(args, "cmd"):
+                parser.error(f"'{args.command}' takes no command after --")
+            args.cmd = words[split + 1 :]
     except SystemExit as done:  # --help (0) or a usage error (2, already printed as one line)
         return done.code if isinstance(done.code, int) else EXIT_USAGE
     if args.command is None:

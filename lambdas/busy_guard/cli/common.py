@@ -44,9 +44,11 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_NOTHING_TO_RELEASE = 3
+EXIT_IN_MAINTENANCE = 4
 EXIT_DRAINING = 75  # EX_TEMPFAIL, spelled out: os.EX_* exist only on Unix
 EXIT_CANNOT_EXECUTE = 126
 EXIT_NOT_FOUND = 127
+EXIT_TIMEOUT = 124  # as timeout(1)
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = """\
@@ -55,10 +57,14 @@ exit codes:
   1    unexpected error (AWS unreachable, an unlisted AWS error)
   2    bad usage or configuration: bad arguments, missing table, unknown group,
        missing credentials or region; release not confirmed
-  3    release: nothing to release (no lifecycle action of our hook is pending)
+  3    release: nothing to release (no lifecycle action of our hook is pending);
+       undrain: no maintenance mark to clear
+  4    drain: another drain holds the instance
   75   run: refused, the instance is draining (EX_TEMPFAIL)
-  126  run: command not executable; 127: command not found
-  N    run: the command's own status (128+N when killed by signal N)
+  124  drain: --max-wait passed with work still running (the mark is cleared)
+  126  run, drain: command not executable; 127: command not found
+  130  interrupted (143: SIGTERM); drain clears its mark first
+  N    run, drain: the command's own status (128+N when killed by signal N)
 """
 
 # status and release: patient enough for a slow API, bounded for a dead endpoint.

@@ -14,7 +14,6 @@ import sys
 from types import FrameType
 from typing import Any
 
-import boto3
 from botocore.exceptions import BotoCoreError
 
 from busy_guard import identity, writer
@@ -31,6 +30,7 @@ from busy_guard.cli.common import (
     epilog,
     explain,
     instance_id,
+    new_session,
     warn,
 )
 
@@ -125,11 +125,12 @@ def _begin(ctx: Context, kind: str, instance_id: str | None) -> writer.LeaseHand
     args = ctx.args
     endpoint = args.endpoint_url or os.environ.get(writer.ENV_ENDPOINT_URL, "").strip() or None
     try:
-        session = ctx.session or boto3.Session(
-            profile_name=args.profile or None, region_name=args.region or None
-        )
+        session = ctx.session or new_session(args)
+        # The region exactly as the library finds it (AWS_REGION, the profile, then IMDS on EC2):
+        # without it, `run` on an instance with no region configured would run CMD unguarded.
+        region = args.region or writer.resolve_region(session.region_name, endpoint)
         # The writer's own client settings: short timeouts, one retry, so a dead table costs ~1 s.
-        client = Aws(session, endpoint, args.region or None).dynamodb(writer.CLIENT_CONFIG)
+        client = Aws(session, endpoint, region).dynamodb(writer.CLIENT_CONFIG)
     except (BotoCoreError, ValueError) as error:
         warn("run", f"{explain(error, args)[1]}; {kind} runs without a lease")
         return None
@@ -147,7 +148,7 @@ def _begin(ctx: Context, kind: str, instance_id: str | None) -> writer.LeaseHand
 
 
 class SignalForwarder:
-    """Passes SIGINT and SIGTERM on to the child; keeps those that arrive before it starts.
+    """Passes SIGINT and SIGTERM on to the children; keeps those that arrive before one starts.
 
     A Ctrl-C typed at the terminal already reaches the child (it is in our foreground process
     group), so such a SIGINT is not sent again: a child that cleans up on the first one must not
@@ -155,8 +156,9 @@ class SignalForwarder:
     """
 
     def __init__(self) -> None:
-        self.child: subprocess.Popen[bytes] | None = None
+        self.children: list[subprocess.Popen[bytes]] = []
         self.pending: list[int] = []
+        self.received: list[int] = []
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> SignalForwarder:
@@ -169,24 +171,31 @@ class SignalForwarder:
             signal.signal(signum, previous)
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.received.append(signum)
         self.pending.append(signum)
         self._flush()
 
+    @property
+    def stopped_by(self) -> int | None:
+        """The first signal received, or None (``drain`` stops waiting when there is one)."""
+        return self.received[0] if self.received else None
+
     def started(self, child: subprocess.Popen[bytes]) -> None:
-        self.child = child
+        self.children.append(child)
         self._flush()
 
     def _flush(self) -> None:
-        child = self.child
-        while child is not None and self.pending:
+        children = list(self.children)
+        while children and self.pending:
             try:
                 signum = self.pending.pop(0)
             except IndexError:  # a handler that ran in between emptied it
                 return
             if signum == signal.SIGINT and _terminal_delivered_it():
                 continue
-            if child.poll() is None:
-                child.send_signal(signum)
+            for child in children:
+                if child.poll() is None:
+                    child.send_signal(signum)
 
 
 def _terminal_delivered_it() -> bool:

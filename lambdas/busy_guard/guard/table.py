@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from busy_guard import schema
-from busy_guard.schema import BusyState, Draining, Released
+from busy_guard.schema import BusyState, Draining, Maintenance, Released
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -77,6 +77,19 @@ class BusyTable:
         """Forget a release mark (the instance is back in service); False if the item moved on."""
         done, _state = self._conditional(instance_id, schema.clear_release_update(released_at))
         return done
+
+    def begin_maintenance(self, instance_id: str, mark: Maintenance) -> tuple[bool, BusyState]:
+        """(True, state with the mark) when ``busy-guard drain`` now owns the instance; (False, the
+        state holding another drain's mark)."""
+        return self._conditional(instance_id, schema.begin_maintenance_update(mark))
+
+    def end_maintenance(
+        self, instance_id: str, mark: Maintenance, *, ended_at: float, result: str
+    ) -> tuple[bool, BusyState]:
+        """Clear this very mark and record the drain; (False, current state) if it is not ours."""
+        return self._conditional(
+            instance_id, schema.end_maintenance_update(mark, ended_at=ended_at, result=result)
+        )
 
     def get(self, instance_id: str) -> BusyState:
         response = self._call(
