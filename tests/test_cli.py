@@ -10,6 +10,7 @@ clients carry the emulator.
 
 from __future__ import annotations
 
+import http.server
 import io
 import json
 import os
@@ -19,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import types
 import urllib.request
@@ -222,6 +224,8 @@ def test_console_script_help() -> None:
         (["run", "--instance-id", "i-xyz", "--", "true"], "not an EC2 instance id"),
         (["run", "--"], "no command to run"),
         (["demo", "--speed", "0"], "must be positive"),
+        (["status", "--endpoint-url", "localhost:5000"], "not an http(s) URL with a host"),
+        (["drain", "i-0123456789abcdef0", "--max-wait", "soon"], "not a duration"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
@@ -240,6 +244,42 @@ def test_bad_arguments_as_a_user_sees_them() -> None:
         one_line_error(result)
         == "busy-guard: error: unrecognized arguments: --bogus (see 'busy-guard --help')"
     )
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == "busy-guard 0.1.0"
+
+
+class HtmlPage(http.server.BaseHTTPRequestHandler):
+    """What a proxy or a wrong --endpoint-url answers: an HTML page, not AWS."""
+
+    def do_POST(self) -> None:
+        body = b'<!DOCTYPE html>\n<html>\n<head><meta charset="utf-8"><title>502 Bad Gateway</title>\n</html>'
+        self.send_response(self.server.status)  # type: ignore[attr-defined]
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("status", [200, 502])
+def test_an_html_answer_is_one_line(capsys: pytest.CaptureFixture[str], status: int) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HtmlPage)
+    server.status = status  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        code = main(["status", "--asg", GROUP, "--endpoint-url", url])
+    finally:
+        server.shutdown()
+    line = only_line(capsys.readouterr().err)
+    assert code == 1
+    assert line.startswith("busy-guard status: ")
+    assert "an HTML page (502 Bad Gateway)" in line and "<" not in line
 
 
 def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -449,7 +489,7 @@ def test_unreachable_endpoint_is_one_line_exit_1(capsys: pytest.CaptureFixture[s
 # --- run -------------------------------------------------------------------------------------------------
 READ_LEASES = """
 import os, sys, boto3
-client = boto3.client("dynamodb", endpoint_url=os.environ["ENDPOINT"])
+client = boto3.client("dynamodb", endpoint_url=os.environ["ENDPOINT"], region_name=os.environ["AWS_REGION"])
 item = client.get_item(TableName=sys.argv[1], Key={"instance_id": {"S": sys.argv[2]}})["Item"]
 lease = next(iter(item["leases"]["M"].values()))["M"]
 print("leases", len(item["leases"]["M"]), lease["kind"]["S"])
@@ -505,6 +545,16 @@ def test_run_checks_the_environments_instance_id_like_the_option(tmp_path: Path)
         "'web-01.example' (or pass --instance-id)"
     )
     assert not marker.exists()
+
+
+def test_run_with_only_aws_region_set_takes_a_lease(world: World) -> None:
+    """The library reads AWS_REGION (botocore reads only AWS_DEFAULT_REGION): so does `run`."""
+    instance = new_instance()
+    env = user_env(ENDPOINT=world.endpoint)
+    del env["AWS_DEFAULT_REGION"]
+    command = ["--", sys.executable, "-c", READ_LEASES, TABLE, instance]
+    result = cli(*run_args(world, instance, "--kind", "backfill", *command), env=env)
+    assert (result.returncode, result.stdout.strip(), result.stderr) == (3, "leases 1 backfill", "")
 
 
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 7), (signal.SIGINT, 9)])
@@ -594,6 +644,8 @@ def test_run_never_fails_the_command_when_the_table_is_unreachable(tmp_path: Pat
     assert result.returncode == 0
     assert marker.read_text() == "ok"
     assert "runs without a lease" in result.stderr and "Traceback" not in result.stderr
+    # The library's warning carries the CLI's one prefix, like the CLI's own warnings.
+    assert result.stderr.startswith("busy-guard run: warning: begin of python")
     assert time.monotonic() - started < 15
 
 

@@ -33,6 +33,7 @@ Errors are one line on stderr; ``--debug`` adds the traceback. Only ``demo`` imp
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import sys
 import time
@@ -79,6 +80,7 @@ def build_parser() -> Parser:
             "  busy-guard demo\n\n" + EXIT_CODES_HELP
         ),
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     aws, hook = aws_options(), hook_option()
     status.add_parser(commands, aws=aws, hook=hook)
@@ -87,6 +89,13 @@ def build_parser() -> Parser:
     drain.add_parser(commands, aws=aws)
     demo.add_parser(commands)
     return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("busy-guard")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
 
 
 def main(
@@ -117,7 +126,7 @@ def main(
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     debug = bool(getattr(args, "debug", False))
-    configure_logging(debug)
+    configure_logging(debug, args.command)
     handler: Callable[[Context], int] = args.handler
     try:
         return handler(Context(args, session, clock))

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -24,6 +25,7 @@ from botocore.exceptions import (
     ProfileNotFound,
     ReadTimeoutError,
 )
+from botocore.parsers import ResponseParserError
 
 from busy_guard.guard.config import ConfigError, GuardConfig
 from busy_guard.identity import InvalidInstanceIdError, validate_instance_id
@@ -136,6 +138,16 @@ def instance_id(text: str) -> str:
         raise argparse.ArgumentTypeError(error.reason) from None
 
 
+def endpoint_url(text: str) -> str:
+    """An http(s) URL with a host: botocore's own check fails later, as an unexpected error."""
+    parsed = urllib.parse.urlsplit(text.strip())
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise argparse.ArgumentTypeError(
+            f"not an http(s) URL with a host (like http://127.0.0.1:5000): {text!r}"
+        )
+    return text.strip()
+
+
 def aws_options() -> Parser:
     """``--region --profile --endpoint-url --table --debug``, shared by the AWS commands."""
     parent = Parser(add_help=False)
@@ -143,7 +155,10 @@ def aws_options() -> Parser:
     options.add_argument("--region", help="AWS region (default: AWS_REGION or the profile's)")
     options.add_argument("--profile", help="AWS profile from ~/.aws/config (default: AWS_PROFILE)")
     options.add_argument(
-        "--endpoint-url", metavar="URL", help="send every AWS call to URL (moto_server, LocalStack)"
+        "--endpoint-url",
+        type=endpoint_url,
+        metavar="URL",
+        help="send every AWS call to URL (moto_server, LocalStack)",
     )
     options.add_argument(
         "--table",
@@ -275,7 +290,12 @@ def explain(error: BaseException, args: argparse.Namespace) -> tuple[int, str]:
                 return EXIT_USAGE, f"AWS rejected the credentials ({code}): {text}"
             if code in _ACCESS_CODES:
                 return EXIT_USAGE, f"access denied for {operation}: {text}"
-            return EXIT_ERROR, f"AWS {operation} failed: {code}: {text}"
+            return EXIT_ERROR, f"AWS {operation} failed: {code}: {one_line(text)}"
+        if isinstance(seen, ResponseParserError):
+            # A proxy's or a wrong endpoint's HTML page: say so, never print the page.
+            head, _, body = str(seen).partition("\n")
+            got = f": {one_line(body)}" if body.strip() else ""
+            return EXIT_ERROR, one_line(f"the endpoint's answer is not AWS's: {head.rstrip(': ')}{got}")
         if isinstance(seen, BotoCoreError):
             return EXIT_ERROR, f"AWS call failed: {seen}"
         seen = seen.__cause__
@@ -284,19 +304,44 @@ def explain(error: BaseException, args: argparse.Namespace) -> tuple[int, str]:
     return EXIT_ERROR, f"unexpected error: {type(error).__name__}: {error}"
 
 
+MAX_ERROR_TEXT = 300
+_LIBRARY_PREFIX = "busy_guard: "
+
+
+def one_line(text: str, limit: int = MAX_ERROR_TEXT) -> str:
+    """An error text as one bounded line: an HTML error page, a multi-line message, a huge body."""
+    if text.lstrip().startswith(("<", "b'<", 'b"<')) and "html" in text[:200].lower():
+        title = re.search(r"<title>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+        text = f"an HTML page ({title.group(1).strip() if title else 'no title'})"
+    flat = " ".join(text.replace("\\n", " ").split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
 def warn(command: str, message: str) -> None:
     print(f"{PROG} {command}: warning: {message}", file=sys.stderr)
 
 
-def configure_logging(debug: bool) -> None:
-    """The writer's warnings ("runs without a lease") go to stderr as plain lines. Left alone when
-    the host program (pytest, an embedding application) has configured logging itself."""
+class _CliLogFormat(logging.Formatter):
+    """The library's log lines as the CLI's own: ``busy-guard run: warning: ...``, one prefix."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__()
+        self.command = command
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage().removeprefix(_LIBRARY_PREFIX)
+        return f"{PROG} {self.command}: {record.levelname.lower()}: {message}"
+
+
+def configure_logging(debug: bool, command: str = "") -> None:
+    """The writer's warnings ("runs without a lease") go to stderr as the CLI's own warnings. Left
+    alone when the host program (pytest, an embedding application) has configured logging itself."""
     package = logging.getLogger("busy_guard")
     if logging.getLogger().handlers or package.handlers:
         return
     package.setLevel(logging.DEBUG if debug else logging.WARNING)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(_CliLogFormat(command))
     package.addHandler(handler)
     if debug:
         botocore = logging.getLogger("botocore")
