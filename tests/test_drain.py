@@ -275,18 +275,23 @@ def test_asg_batches(world: World, tmp_path: Path) -> None:
 
 
 # --- the guard meets a drain ----------------------------------------------------------------------
-@pytest.fixture
-def guard(world: World) -> Iterator[tuple[Guard, LifecycleHookEmulator]]:
+def guard_on(world: World, **env: str) -> tuple[Guard, LifecycleHookEmulator]:
+    """The real guard on moto_server, its autoscaling client behind the lifecycle-hook emulator."""
     session = boto3.Session(region_name=REGION)
     ec2 = session.client("ec2", endpoint_url=world.endpoint)
     autoscaling: Any = session.client("autoscaling", endpoint_url=world.endpoint)
     emulator = LifecycleHookEmulator(world.autoscaling, ec2=ec2)
     emulator.attach(autoscaling)
     config = GuardConfig.from_env(
-        {"BUSY_GUARD_TABLE": TABLE, "BUSY_GUARD_ASG_NAMES": GROUP, "BUSY_GUARD_HOOK_NAME": HOOK}
+        {"BUSY_GUARD_TABLE": TABLE, "BUSY_GUARD_ASG_NAMES": GROUP, "BUSY_GUARD_HOOK_NAME": HOOK, **env}
     )
     table = BusyTable(session.client("dynamodb", endpoint_url=world.endpoint), TABLE)
-    yield Guard(table=table, hooks=LifecycleHooks(autoscaling, HOOK), config=config), emulator
+    return Guard(table=table, hooks=LifecycleHooks(autoscaling, HOOK), config=config), emulator
+
+
+@pytest.fixture
+def guard(world: World) -> Iterator[tuple[Guard, LifecycleHookEmulator]]:
+    yield guard_on(world)
 
 
 def test_a_termination_during_maintenance_is_still_held(

@@ -6,6 +6,7 @@ CLI's ``status`` shows what the guard would do with the very same function.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -13,6 +14,7 @@ from busy_guard.schema import BusyState, Lease
 
 HOUR = 3600.0
 MAX_KINDS_TEXT = 200  # characters of lease kinds in a decision's detail
+MAX_KIND, MAX_KINDS = 64, 20  # a kind is whatever string a writer passed: bounded in lease_kinds
 
 
 class Action(StrEnum):
@@ -60,6 +62,9 @@ class Decision:
     detail: str = ""
     stale_markers: int = 0
     live_leases: int = 0
+    # The kinds of the leases the decision is about (live ones that hold, or expired ones judged
+    # stale): for the events people read. Sorted, distinct.
+    lease_kinds: tuple[str, ...] = ()
 
     @property
     def completes(self) -> bool:
@@ -84,13 +89,23 @@ def decide(state: BusyState | StateUnavailable, config: DecisionConfig, now: flo
         detail = f"{len(live)} live lease(s) {_kinds(live)}" if live else ""
         if legacy_live:
             detail = f"{detail}; {legacy_live} legacy marker(s)".lstrip("; ")
-        return Decision(Action.WAIT, Reason.BUSY, detail, live_leases=len(live) + legacy_live)
+        return Decision(
+            Action.WAIT, Reason.BUSY, detail, live_leases=len(live) + legacy_live, lease_kinds=_kind_set(live)
+        )
     stale = expired + legacy_stale
     if stale:
         return Decision(
-            Action.CONTINUE, Reason.STALE, f"{stale} expired or stale marker(s)", stale_markers=stale
+            Action.CONTINUE,
+            Reason.STALE,
+            f"{stale} expired or stale marker(s)",
+            stale_markers=stale,
+            lease_kinds=_kind_set(state.leases),
         )
     return Decision(Action.CONTINUE, Reason.IDLE)
+
+
+def _kind_set(leases: Sequence[Lease]) -> tuple[str, ...]:
+    return tuple(sorted({lease.kind[:MAX_KIND] for lease in leases}))[:MAX_KINDS]
 
 
 def _kinds(leases: list[Lease]) -> str:

@@ -79,6 +79,12 @@ INSTANCE_ID_PATTERN: Final = r"^i-(?:[0-9a-f]{8}|[0-9a-f]{17})$"
 """An EC2 instance id: ``i-`` and 8 hex digits (before 2016) or 17. The writer, the CLI and the guard's
 event model check ids against it (``identity.validate_instance_id``)."""
 
+# --- what the guard tells people (EventBridge) -----------------------------------------------------
+EVENT_SOURCE: Final = "busy-guard"
+EVENT_BUS: Final = "default"
+EVENT_HELD: Final = "Instance held"
+EVENT_RELEASED: Final = "Instance released"
+
 # --- the writer's lease -------------------------------------------------------------------------
 LEASE_TTL_SECONDS: Final = 180
 LEASE_HEARTBEAT_SECONDS: Final = 60
@@ -100,6 +106,7 @@ class Env:
     RELEASED_TTL: Final = "BUSY_GUARD_RELEASED_TTL_SECONDS"
     TICK_CONCURRENCY: Final = "BUSY_GUARD_TICK_CONCURRENCY"
     ACCOUNT_ID: Final = "BUSY_GUARD_ACCOUNT_ID"  # the stack's own account: events from others are ignored
+    OBSERVE_ONLY: Final = "BUSY_GUARD_OBSERVE_ONLY"  # decide and log, never hold ("true"/"false")
     # the writer library (and `busy-guard run`)
     INSTANCE_ID: Final = "BUSY_GUARD_INSTANCE_ID"
     ENDPOINT_URL: Final = "BUSY_GUARD_ENDPOINT_URL"

@@ -66,6 +66,8 @@ class GuardConfig(BaseModel):
     account_id: str | None = Field(None, alias=Env.ACCOUNT_ID, pattern=r"^\d{12}$")
     """The stack's own account; lifecycle events from any other account are ignored. Unset in the
     sandbox and in tests that build the guard by hand."""
+    observe_only: bool = Field(False, alias=Env.OBSERVE_ONLY)
+    """Decide, log and count what the guard would do, but complete every termination at once."""
 
     @field_validator("asg_names", mode="before")
     @classmethod

@@ -16,7 +16,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.config import Config
 
 from busy_guard import schema
-from busy_guard.decision import Reason
+from busy_guard.decision import Action, Decision, Reason, StateUnavailable, decide
 from busy_guard.guard.autoscaling import LifecycleHooks
 from busy_guard.guard.config import GuardConfig
 from busy_guard.guard.models import (
@@ -28,9 +28,10 @@ from busy_guard.guard.models import (
     classify,
     parse_stream_record,
 )
+from busy_guard.guard.notify import GuardEvents
 from busy_guard.guard.observability import NAMESPACE, SERVICE, MetricName, logger, metrics, tracer
 from busy_guard.guard.reconcile import Guard, Outcome, Step, Target, Trigger
-from busy_guard.guard.table import BusyTable
+from busy_guard.guard.table import BusyTable, TableUnavailableError
 from busy_guard.settings import INSTANCE_ID_PATTERN
 
 # Short connect/read timeouts: a hung endpoint must cost a retry, not the whole invocation.
@@ -48,6 +49,8 @@ class ReconcileError(RuntimeError):
 
 
 _guard: Guard | None = None
+_events: GuardEvents | None = None
+OBSERVED = "observed"  # the step of an observe-only look: decided, logged, completed at once
 
 
 def build_guard(
@@ -75,6 +78,12 @@ def use_guard(guard: Guard | None) -> None:
     _guard = guard
 
 
+def use_events(events: GuardEvents | None) -> None:
+    """Install the EventBridge publisher the handler uses; None builds the default on next use."""
+    global _events  # noqa: PLW0603 - one client per Lambda container
+    _events = events
+
+
 @logger.inject_lambda_context(clear_state=True)
 @metrics.log_metrics
 @tracer.capture_lambda_handler
@@ -82,26 +91,32 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     if _guard is None:
         # Configuration is validated once per container; clients are reused across invocations.
         use_guard(build_guard())
+    if _events is None:
+        use_events(GuardEvents(boto3.client("events", config=_AWS_CONFIG)))
     assert _guard is not None
-    return route(event, _guard)
+    return route(event, _guard, _events)
 
 
-def route(event: Any, guard: Guard) -> dict[str, Any]:
+def route(event: Any, guard: Guard, events: GuardEvents | None = None) -> dict[str, Any]:
+    """One invocation. ``events`` puts the held/released events (none without it)."""
     invocation = classify(event)
+    if guard.config.observe_only and isinstance(invocation, Termination | Tick | StreamBatch):
+        return _observe(invocation, guard)
     match invocation:
         case Termination():
-            return _on_termination(invocation, guard)
+            return _on_termination(invocation, guard, events)
         case Tick():
             report = guard.tick()
             _record(report.outcomes)
             # A gauge, 0 included, so the dashboard shows "nobody held" rather than a gap.
             held = sum(1 for outcome in report.outcomes if outcome.step in (Step.HEARTBEAT, Step.WAITING))
             metrics.add_metric(name=MetricName.INSTANCES_WAITING, unit=MetricUnit.Count, value=held)
+            _publish(events, report.outcomes)
             if report.errors:
                 raise ReconcileError(f"{len(report.errors)} problem(s) in the tick: {report.errors[0]}")
             return _summary(report.outcomes)
         case StreamBatch():
-            return _on_stream(invocation.records, guard)
+            return _on_stream(invocation.records, guard, events)
         case Ignored():
             logger.info(f"ignored: {invocation.reason}")
             metrics.add_metric(name=MetricName.IGNORED_EVENTS, unit=MetricUnit.Count, value=1)
@@ -112,7 +127,7 @@ def route(event: Any, guard: Guard) -> dict[str, Any]:
             return {"malformed": invocation.reason}
 
 
-def _on_termination(invocation: Termination, guard: Guard) -> dict[str, Any]:
+def _not_ours(invocation: Termination, guard: Guard) -> dict[str, Any] | None:
     detail = invocation.detail
     config = guard.config
     if config.account_id is not None and invocation.event.account != config.account_id:
@@ -120,10 +135,18 @@ def _on_termination(invocation: Termination, guard: Guard) -> dict[str, Any]:
         reason = f"not ours: account {invocation.event.account[:MAX_SHOWN]!r}"
         logger.warning(f"ignored: {reason}")
         return {"ignored": reason}
-    if detail.AutoScalingGroupName not in config.asg_names or detail.LifecycleHookName != config.hook_name:
-        reason = f"not ours: group {detail.AutoScalingGroupName!r}, hook {detail.LifecycleHookName!r}"
-        logger.info(f"ignored: {reason}")
-        return {"ignored": reason}
+    if detail.AutoScalingGroupName in config.asg_names and detail.LifecycleHookName == config.hook_name:
+        return None
+    reason = f"not ours: group {detail.AutoScalingGroupName!r}, hook {detail.LifecycleHookName!r}"
+    logger.info(f"ignored: {reason}")
+    return {"ignored": reason}
+
+
+def _on_termination(invocation: Termination, guard: Guard, events: GuardEvents | None) -> dict[str, Any]:
+    ignored = _not_ours(invocation, guard)
+    if ignored is not None:
+        return ignored
+    detail = invocation.detail
     target = Target(
         instance_id=detail.EC2InstanceId,
         asg=detail.AutoScalingGroupName,
@@ -132,10 +155,11 @@ def _on_termination(invocation: Termination, guard: Guard) -> dict[str, Any]:
     )
     outcome = guard.reconcile(target)
     _record([outcome])
+    _publish(events, [outcome])
     return _summary([outcome])
 
 
-def _on_stream(records: list[Any], guard: Guard) -> dict[str, Any]:
+def _on_stream(records: list[Any], guard: Guard, events: GuardEvents | None) -> dict[str, Any]:
     """Reconcile every draining item in the batch; report only the records that failed, so the
     event source retries (and bisects) those and no valid record is lost."""
     failures: list[dict[str, str]] = []
@@ -169,6 +193,7 @@ def _on_stream(records: list[Any], guard: Guard) -> dict[str, Any]:
             logger.exception(f"stream record {shown}: reconcile failed; the batch will retry it")
             failures.append({"itemIdentifier": record_id})
     _record(outcomes)
+    _publish(events, outcomes)
     return {"batchItemFailures": failures, **_summary(outcomes)}
 
 
@@ -207,6 +232,76 @@ def _record(outcomes: Iterable[Outcome]) -> None:
                 default_dimensions={"service": SERVICE},
             ) as metric:
                 metric.add_dimension(name="reason", value=str(decision.reason))
+
+
+def _publish(events: GuardEvents | None, outcomes: list[Outcome]) -> None:
+    """The held/released events, after the decisions are made and recorded: never in their way."""
+    if events is not None and outcomes:
+        events.publish(outcomes)
+
+
+# --- observe-only: decide and log, never hold ---------------------------------------------------
+def _observe(invocation: Termination | Tick | StreamBatch, guard: Guard) -> dict[str, Any]:
+    """What the guard would do, logged and counted; every termination of ours completes at once.
+
+    At this level, not inside reconcile, so the mode holds whatever the planner becomes: it reads
+    with the table adapter (never writes: a trial on a live fleet leaves its items as they were),
+    decides with ``decide()``, and completes with CONTINUE. The tick completes any wait of ours
+    still pending (one left by an enforcing guard, or a lost event); stream records hold nothing.
+    """
+    config = guard.config
+    if isinstance(invocation, StreamBatch):
+        logger.info(f"observe-only: {len(invocation.records)} stream record(s) ignored")
+        return {"batchItemFailures": [], "outcomes": []}
+    if isinstance(invocation, Termination):
+        ignored = _not_ours(invocation, guard)
+        if ignored is not None:
+            return ignored
+        waiting = {invocation.detail.EC2InstanceId: invocation.detail.AutoScalingGroupName}
+    else:
+        listed = guard.hooks.waiting_instances(config.asg_names)
+        waiting = {iid: instance.asg for iid, instance in listed.items() if instance.adoptable}
+    now = time.time()
+    try:
+        states: dict[str, Any] = guard.table.get_many(waiting)
+    except TableUnavailableError as error:
+        states = {iid: StateUnavailable(iid, None, str(error)) for iid in waiting}
+    outcomes = []
+    for instance_id, asg in waiting.items():
+        decision = decide(states[instance_id], config.decision, now)
+        result = guard.hooks.complete(asg, instance_id, Action.CONTINUE.value)
+        _observed(instance_id, asg, decision, str(result))
+        outcomes.append(
+            {
+                "instance_id": instance_id,
+                "step": OBSERVED,
+                "reason": str(decision.reason),
+                "would": str(decision.action),
+            }
+        )
+    return {"observe_only": True, "outcomes": outcomes}
+
+
+def _observed(instance_id: str, asg: str, decision: Decision, completed: str) -> None:
+    would = f"{decision.action} ({decision.reason})"
+    logger.info(
+        f"{instance_id}: observe-only: would {would}; completed with CONTINUE",
+        instance_id=instance_id,
+        asg=asg,
+        observe_only=True,
+        would_action=str(decision.action),
+        would_reason=str(decision.reason),
+        detail=decision.detail,
+        hook_result=completed,
+    )
+    with single_metric(
+        name=MetricName.OBSERVED,
+        unit=MetricUnit.Count,
+        value=1,
+        namespace=NAMESPACE,
+        default_dimensions={"service": SERVICE},
+    ) as metric:
+        metric.add_dimension(name="would", value=f"{decision.action}_{decision.reason}")
 
 
 def _summary(outcomes: list[Outcome]) -> dict[str, Any]:

@@ -23,3 +23,6 @@ class MetricName:
     RECONCILE_ERRORS = "ReconcileErrors"
     IGNORED_EVENTS = "IgnoredEvents"
     MALFORMED_EVENTS = "MalformedEvents"
+    OBSERVED = "ObserveOnlyDecisions"  # observe-only: completed at once; dimension "would"
+    EVENTS_PUT = "EventsPut"
+    EVENTS_FAILED = "EventsNotPut"
