@@ -351,6 +351,7 @@ def test_function_environment_is_the_handlers_contract(template: Template) -> No
         "BUSY_GUARD_RECONCILE_INTERVAL_SECONDS": "60",
         "BUSY_GUARD_RELEASED_TTL_SECONDS": "604800",
         "BUSY_GUARD_ACCOUNT_ID": {"Ref": "AWS::AccountId"},
+        "BUSY_GUARD_OBSERVE_ONLY": "false",
         "POWERTOOLS_SERVICE_NAME": "busy-guard",
         "POWERTOOLS_METRICS_NAMESPACE": "BusyGuard",
         "POWERTOOLS_LOG_LEVEL": "INFO",
@@ -598,6 +599,30 @@ def test_lifecycle_actions_only_on_the_guarded_groups(template: Template, custom
         ":autoScalingGroup:*:autoScalingGroupName/graph-a",
         ":autoScalingGroup:*:autoScalingGroupName/graph-b",
     ]
+
+
+def test_put_events_only_on_the_default_bus(template: Template) -> None:
+    statement = guard_statement(template, "events:PutEvents")
+    assert actions_of(statement) == {"events:PutEvents"}
+    assert statement["Resource"] == {
+        "Fn::Join": [
+            "",
+            [
+                "arn:",
+                {"Ref": "AWS::Partition"},
+                ":events:",
+                {"Ref": "AWS::Region"},
+                ":",
+                {"Ref": "AWS::AccountId"},
+                ":event-bus/default",
+            ],
+        ]
+    }
+
+
+def test_observe_only_from_context_reaches_the_function() -> None:
+    config = BusyGuardConfig.from_context(lambda key: {"asgNames": ["g"], "observeOnly": "true"}.get(key))
+    assert config.settings.observe_only is True
 
 
 def test_table_actions_only_on_the_table_and_stream_reads_only_on_its_stream(template: Template) -> None:

@@ -58,6 +58,7 @@ class ContextKey:
     CLOCK_SKEW: Final = "clockSkewSeconds"
     LEGACY_STALE: Final = "legacyStaleSeconds"
     RELEASED_TTL: Final = "releasedTtlSeconds"
+    OBSERVE_ONLY: Final = "observeOnly"
     TABLE_NAME: Final = "tableName"
     IMPORT_TABLE: Final = "importTable"
     TABLE_STREAM_ARN: Final = "tableStreamArn"
@@ -78,6 +79,7 @@ DEFAULTS: Final[dict[str, Any]] = {
     K.CLOCK_SKEW: S.DEFAULT_CLOCK_SKEW,
     K.LEGACY_STALE: S.DEFAULT_LEGACY_STALE,
     K.RELEASED_TTL: S.DEFAULT_RELEASED_TTL,
+    K.OBSERVE_ONLY: False,
     K.TABLE_NAME: S.DEFAULT_TABLE_NAME,
     K.IMPORT_TABLE: False,
     K.TABLE_STREAM_ARN: "",
@@ -119,6 +121,8 @@ class GuardSettings:
     legacy_stale_seconds: int = DEFAULTS[K.LEGACY_STALE]
     released_ttl_seconds: int = DEFAULTS[K.RELEASED_TTL]
     reserved_concurrency: int = DEFAULTS[K.RESERVED_CONCURRENCY]
+    observe_only: bool = DEFAULTS[K.OBSERVE_ONLY]
+    """Trial mode: the guard decides, logs and counts, and completes every termination at once."""
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -269,6 +273,7 @@ class BusyGuardConfig:
             "legacy_stale_seconds": reader.seconds(K.LEGACY_STALE),
             "released_ttl_seconds": reader.seconds(K.RELEASED_TTL),
             "reserved_concurrency": reader.whole(K.RESERVED_CONCURRENCY),
+            "observe_only": reader.flag(K.OBSERVE_ONLY),
         }
         app_values = {
             "stack_name": reader.text(K.STACK_NAME),

@@ -31,6 +31,7 @@ from constructs import Construct
 
 from busy_guard import schema
 from busy_guard import settings as S
+from busy_guard.settings import EVENT_BUS
 from busy_guard_infra.config import (
     RECONCILE_INTERVAL_SECONDS,
     ConfigError,
@@ -180,6 +181,16 @@ def group_arn(scope: Construct, group_name: str) -> str:
     )
 
 
+def default_event_bus_arn(scope: Construct) -> str:
+    """``arn:PARTITION:events:REGION:ACCOUNT:event-bus/default``: where the held/released events go."""
+    return Stack.of(scope).format_arn(
+        service="events",
+        resource="event-bus",
+        resource_name=EVENT_BUS,
+        arn_format=ArnFormat.SLASH_RESOURCE_NAME,
+    )
+
+
 class BusyGuard(Construct):
     """Holds terminating instances of the given groups while the busy table says they are busy.
 
@@ -252,6 +263,7 @@ class BusyGuard(Construct):
             Env.RECONCILE_INTERVAL: str(RECONCILE_INTERVAL_SECONDS),
             Env.RELEASED_TTL: str(settings.released_ttl_seconds),
             Env.ACCOUNT_ID: stack.account,
+            Env.OBSERVE_ONLY: "true" if settings.observe_only else "false",
             "POWERTOOLS_SERVICE_NAME": SERVICE_NAME,
             "POWERTOOLS_METRICS_NAMESPACE": METRICS_NAMESPACE,
             "POWERTOOLS_LOG_LEVEL": "INFO",
@@ -285,6 +297,13 @@ class BusyGuard(Construct):
                 sid="GuardedHooksOnly",
                 actions=list(LIFECYCLE_ACTIONS),
                 resources=[group_arn(self, name) for name in all_names],
+            )
+        )
+        self.role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="EventsForPeopleDefaultBusOnly",
+                actions=["events:PutEvents"],
+                resources=[default_event_bus_arn(self)],
             )
         )
         self.role.add_to_principal_policy(
