@@ -333,8 +333,14 @@ def test_status_json_shape(world: World, busy_world: dict[str, str]) -> None:
     result = cli("status", "--json", *aws_args(world), env=env)
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
-    assert set(document) == {"version", "generated_at", "region", "table", "hook", "groups", "instances"}
-    assert document["version"] == 1 and document["groups"] == [GROUP] and document["table"] == TABLE
+    assert set(document) == {
+        *("version", "generated_at", "region", "table", "hook", "groups", "instances"),
+        *("observe_only", "refreshes"),  # version 2
+    }
+    # moto_server has no instance refreshes: unknown, said once (test_observe_and_events has them).
+    assert document["refreshes"] is None and document["observe_only"] is False
+    assert "warning: instance refreshes unknown: " in result.stderr
+    assert document["version"] == 2 and document["groups"] == [GROUP] and document["table"] == TABLE
     assert document["generated_at"].endswith("Z")
     rows = {row["instance_id"]: row for row in document["instances"]}
     assert set(rows) == set(busy_world.values()) and list(rows)[-1] == GONE_ID  # the group's, then gone
@@ -348,6 +354,8 @@ def test_status_json_shape(world: World, busy_world: dict[str, str]) -> None:
             "legacy",
             "draining",
             "released",
+            "maintenance",
+            "last_maintenance",
             "guard_would",
             "problems",
         }

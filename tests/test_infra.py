@@ -621,7 +621,7 @@ def test_put_events_only_on_the_default_bus(template: Template) -> None:
 
 
 def test_observe_only_from_context_reaches_the_function() -> None:
-    config = BusyGuardConfig.from_context(lambda key: {"asgNames": ["g"], "observeOnly": "true"}.get(key))
+    config = BusyGuardConfig.from_context({"asgNames": ["g"], "observeOnly": "true"}.get)
     assert config.settings.observe_only is True
 
 

@@ -13,8 +13,10 @@ from botocore.config import Config
 from test_cli import GROUP, REGION, World, moto_server
 from test_drain import busy_lease, end_lease, guard_on
 
+from busy_guard.cli import main
 from busy_guard.guard import handler
 from busy_guard.guard.notify import GuardEvents
+from busy_guard.sandbox.hooks import LifecycleHookEmulator
 from busy_guard.sandbox.world import matches, scheduled_event
 
 __all__ = ["moto_server"]
@@ -143,3 +145,68 @@ def test_a_failing_put_events_never_blocks_a_decision(world: World, caplog: pyte
     assert (outcome["step"], outcome["reason"]) == ("completed", "idle")
     assert emulator.completions(instance)[0].result == "CONTINUE"
     assert any(message.startswith("PutEvents failed for 1 event(s)") for message in caplog.messages)
+
+
+class EmulatedSession(boto3.Session):
+    """The CLI's session: its autoscaling clients answer through the emulator (moto has no refreshes)."""
+
+    def __init__(self, emulator: LifecycleHookEmulator) -> None:
+        super().__init__(region_name=REGION)
+        self._emulator = emulator
+
+    def client(self, service_name: str, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        client = super().client(service_name, *args, **kwargs)
+        if service_name == "autoscaling":
+            self._emulator.attach(client)
+        return client
+
+
+def test_status_shows_the_refresh_and_what_holds_it(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    guard, emulator = guard_on(world)
+    instance = world.instances()[0]
+    lease = busy_lease(world, instance)
+    emulator.instance_refresh(GROUP, status="Successful", percent_complete=100)  # an older one
+    refresh_id = emulator.instance_refresh(GROUP, percent_complete=40, instances_to_update=3)
+    (event,) = emulator.terminate(instance)
+    handler.route(event, guard)
+    status = ["status", "--asg", GROUP, "--endpoint-url", world.endpoint]
+
+    assert main([*status, "--json"], session=EmulatedSession(emulator)) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["version"] == 2 and document["observe_only"] is False
+    (refresh,) = document["refreshes"]
+    (held,) = refresh.pop("held_by")
+    assert refresh == {
+        "group": GROUP,
+        "id": refresh_id,
+        "status": "InProgress",
+        "status_reason": None,
+        "percent_complete": 40,
+        "instances_to_update": 3,
+        "started_at": refresh["started_at"],
+    }
+    assert held["instance_id"] == instance and 0 <= held["waiting_seconds"] <= 30
+    (shown,) = held["leases"]
+    assert shown["kind"] == "bulk_table_insert" and shown["holder"] == "worker-1:4242"
+    assert 295 <= shown["age_seconds"] <= 340
+
+    assert main(status, session=EmulatedSession(emulator)) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("instance refresh"))
+    assert line.startswith(
+        f"instance refresh of {GROUP}: InProgress 40%, 3 to update; held by {instance}: "
+        "bulk_table_insert (worker-1:4242, 5m"
+    )
+    end_lease(world, instance, lease)
+
+
+def test_status_says_observe_only(
+    world: World, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _guard, emulator = guard_on(world)
+    monkeypatch.setenv("BUSY_GUARD_OBSERVE_ONLY", "true")
+    status = ["status", "--asg", GROUP, "--endpoint-url", world.endpoint]
+    assert main([*status, "--json"], session=EmulatedSession(emulator)) == 0
+    assert json.loads(capsys.readouterr().out)["observe_only"] is True
+    assert main(status, session=EmulatedSession(emulator)) == 0
+    assert "observe-only: the guard completes every termination at once" in capsys.readouterr().out

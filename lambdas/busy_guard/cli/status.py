@@ -6,9 +6,13 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+from botocore.parsers import ResponseParserError
 
 from busy_guard import schema
 from busy_guard.cli.common import (
@@ -21,7 +25,10 @@ from busy_guard.cli.common import (
     Parser,
     duration,
     epilog,
+    explain,
     group_names,
+    positive,
+    warn,
 )
 from busy_guard.decision import Decision, decide
 from busy_guard.guard.autoscaling import DESCRIBE_PAGE, WAITING_STATES
@@ -33,19 +40,26 @@ if TYPE_CHECKING:
     from mypy_boto3_autoscaling import AutoScalingClient
     from mypy_boto3_dynamodb import DynamoDBClient
 
-JSON_VERSION = 1
+JSON_VERSION = 2
 JSON_SHAPE = """\
---json prints one object (version 1; keys are only ever added):
-  {version, generated_at, region, table, hook, groups: [NAME],
+--json prints one object (version 2; keys are only ever added; 2 added refreshes,
+observe_only, maintenance and last_maintenance):
+  {version, generated_at, region, table, hook, groups: [NAME], observe_only,
+   refreshes: [{group, id, status, status_reason, percent_complete, instances_to_update,
+     started_at, held_by: [{instance_id, waiting_seconds, leases: [{kind, holder, age_seconds}]}]}],
    instances: [{instance_id, group, lifecycle_state, in_group,
      leases: [{lease_id, kind, holder, live, started_at, heartbeat_at, expires_at,
                age_seconds, expires_in_seconds}],
      legacy: {counter, untracked_ops, last_op_at, last_op_kind, active_leases},
      draining: {since, waiting_seconds, asg, hook} | null,
      released: {at, age_seconds, reason, by} | null,
+     maintenance: {since, age_seconds, by, reason, forced} | null,
+     last_maintenance: {since, ended_at, by, reason, forced, result} | null,
      guard_would: {action, reason, detail}, problems: [TEXT]}]}
   Times are ISO-8601 UTC strings, durations whole seconds (expires_in_seconds is
-  negative once expired); lifecycle_state is null for an instance not in the group."""
+  negative once expired); lifecycle_state is null for an instance not in the group;
+  refreshes lists each group's active instance refresh (none: no entry); null when they
+  could not be described (a warning says why)."""
 
 
 def add_parser(commands: Any, *, aws: Parser, hook: Parser) -> None:
@@ -79,6 +93,14 @@ def add_parser(commands: Any, *, aws: Parser, hook: Parser) -> None:
         + ")",
     )
     parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
+    parser.add_argument(
+        "--watch",
+        nargs="?",
+        type=positive,
+        const=DEFAULT_WATCH,
+        metavar="SECONDS",
+        help=f"redraw every SECONDS (default {DEFAULT_WATCH:.0f}) until interrupted",
+    )
     parser.set_defaults(handler=command)
 
 
@@ -93,27 +115,150 @@ class Row:
     clock_skew: float
 
 
+DEFAULT_WATCH = 5.0
+CLEAR_SCREEN = "\033[H\033[2J"
+ACTIVE_REFRESH = frozenset({"Pending", "InProgress", "Cancelling", "RollbackInProgress", "Baking"})
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """A group's active instance refresh, as DescribeInstanceRefreshes reports it."""
+
+    group: str
+    refresh_id: str
+    status: str
+    status_reason: str
+    percent_complete: int | None
+    instances_to_update: int | None
+    started_at: float | None
+
+
 def command(ctx: Context) -> int:
+    args: argparse.Namespace = ctx.args
+    if args.watch is None:
+        print(snapshot(ctx))
+        return EXIT_OK
+    while True:  # until Ctrl-C (main turns it into exit 130)
+        text = snapshot(ctx)
+        print((CLEAR_SCREEN if sys.stdout.isatty() else "") + text, flush=True)
+        time.sleep(args.watch)
+
+
+def snapshot(ctx: Context) -> str:
     args: argparse.Namespace = ctx.args
     groups = group_names(args.asg) or group_names([os.environ.get(ENV_ASG_NAMES, "")])
     config = ctx.guard_config(groups)
+    refreshes: list[Refresh] | None = []
     if groups:
         members = describe_groups(ctx.aws.autoscaling(), groups, ctx.aws.region)
         table = BusyTable(ctx.aws.dynamodb(), args.table)
         rows = group_rows(table, members, groups=groups, hook=args.hook, config=config, now=ctx.clock())
+        try:
+            refreshes = active_refreshes(ctx.aws.autoscaling(), groups)
+        except (ClientError, BotoCoreError, ResponseParserError) as error:
+            # Not worth failing the rest for (an operator role without the permission, an endpoint
+            # that does not serve it): said once, and null in --json.
+            warn("status", f"instance refreshes unknown: {explain(error, args)[1]}")
+            refreshes = None
     else:
         if not args.json:
             print(f"{PROG} status: no --asg and no ${ENV_ASG_NAMES}: listing the table only", file=sys.stderr)
         rows = table_rows(ctx.aws.dynamodb(), args.table, config=config, now=ctx.clock())
     now = ctx.clock()
+    where = {"region": ctx.aws.region, "table": args.table, "hook": args.hook, "groups": groups}
     if args.json:
-        document = status_document(
-            rows, now=now, region=ctx.aws.region, table=args.table, hook=args.hook, groups=groups
+        document = status_document(rows, now=now, **where)
+        document["observe_only"] = config.observe_only
+        document["refreshes"] = (
+            None if refreshes is None else [_refresh_document(r, rows, now) for r in refreshes]
         )
-        print(json.dumps(document, indent=2))
-    else:
-        print(render(rows, now=now, groups=groups, region=ctx.aws.region, table=args.table, hook=args.hook))
-    return EXIT_OK
+        return json.dumps(document, indent=2)
+    text = render(rows, now=now, **where)
+    extra = [_refresh_line(refresh, rows, now) for refresh in refreshes or []]
+    if config.observe_only:
+        extra.append(
+            "observe-only: the guard completes every termination at once; GUARD WOULD is what it logs"
+        )
+    return text + ("\n\n" + "\n".join(extra) if extra else "")
+
+
+def active_refreshes(client: AutoScalingClient, groups: Sequence[str]) -> list[Refresh]:
+    """Each group's newest instance refresh that is still running (one call per group)."""
+    found: list[Refresh] = []
+    for group in groups:
+        listed = client.describe_instance_refreshes(AutoScalingGroupName=group, MaxRecords=5)
+        for refresh in listed.get("InstanceRefreshes", []):
+            if refresh.get("Status") not in ACTIVE_REFRESH:
+                continue
+            started = refresh.get("StartTime")
+            found.append(
+                Refresh(
+                    group=group,
+                    refresh_id=refresh.get("InstanceRefreshId", ""),
+                    status=refresh.get("Status", ""),
+                    status_reason=refresh.get("StatusReason", ""),
+                    percent_complete=refresh.get("PercentageComplete"),
+                    instances_to_update=refresh.get("InstancesToUpdate"),
+                    started_at=started.timestamp() if started is not None else None,
+                )
+            )
+            break
+    return found
+
+
+def _holding(refresh: Refresh, rows: Sequence[Row]) -> list[Row]:
+    """The group's instances the guard holds in a termination wait: what the refresh waits on."""
+    return [
+        row
+        for row in rows
+        if row.group == refresh.group
+        and row.lifecycle_state in WAITING_STATES
+        and row.decision.action.value == "WAIT"
+    ]
+
+
+def _refresh_document(refresh: Refresh, rows: Sequence[Row], now: float) -> dict[str, Any]:
+    return {
+        "group": refresh.group,
+        "id": refresh.refresh_id,
+        "status": refresh.status,
+        "status_reason": refresh.status_reason or None,
+        "percent_complete": refresh.percent_complete,
+        "instances_to_update": refresh.instances_to_update,
+        "started_at": schema.iso(refresh.started_at) if refresh.started_at is not None else None,
+        "held_by": [
+            {
+                "instance_id": row.instance_id,
+                "waiting_seconds": round(now - row.state.draining.since)
+                if row.state.draining is not None and row.state.draining.since > 0
+                else None,
+                "leases": [
+                    {"kind": lease.kind, "holder": lease.holder, "age_seconds": round(now - lease.started_at)}
+                    for lease in row.state.leases
+                    if lease.is_live(now, row.clock_skew)
+                ],
+            }
+            for row in _holding(refresh, rows)
+        ],
+    }
+
+
+def _refresh_line(refresh: Refresh, rows: Sequence[Row], now: float) -> str:
+    progress = f"{refresh.percent_complete}%" if refresh.percent_complete is not None else "?%"
+    left = f", {refresh.instances_to_update} to update" if refresh.instances_to_update is not None else ""
+    line = f"instance refresh of {refresh.group}: {refresh.status} {progress}{left}"
+    holders = _holding(refresh, rows)
+    if not holders:
+        return line + "; not held by the guard"
+    parts = []
+    for row in holders:
+        kinds = ", ".join(
+            f"{lease.kind} ({lease.holder}, {duration(now - lease.started_at)})"
+            for lease in row.state.leases
+            if lease.is_live(now, row.clock_skew)
+        )
+        parts.append(f"{row.instance_id}" + (f": {kinds}" if kinds else ""))
+    return line + "; held by " + "; ".join(parts)
 
 
 # --- reading ----------------------------------------------------------------------------------------
@@ -273,6 +418,25 @@ def _row_document(row: Row, now: float) -> dict[str, Any]:
             "reason": released.reason,
             "by": released.by,
         },
+        "maintenance": None
+        if state.maintenance is None
+        else {
+            "since": schema.iso(state.maintenance.since) if state.maintenance.since > 0 else None,
+            "age_seconds": round(now - state.maintenance.since) if state.maintenance.since > 0 else None,
+            "by": state.maintenance.by,
+            "reason": state.maintenance.reason,
+            "forced": state.maintenance.forced,
+        },
+        "last_maintenance": None
+        if state.last_maintenance is None
+        else {
+            "since": schema.iso(state.last_maintenance.since),
+            "ended_at": schema.iso(state.last_maintenance.ended_at),
+            "by": state.last_maintenance.by,
+            "reason": state.last_maintenance.reason,
+            "forced": state.last_maintenance.forced,
+            "result": state.last_maintenance.result,
+        },
         "guard_would": {
             "action": decision.action.value,
             "reason": decision.reason.value,
@@ -353,6 +517,12 @@ def _details(row: Row, now: float, groups: Sequence[str]) -> list[str]:
         details.append(
             f"released {duration(now - released.at)} ago: {released.reason or '?'} (by {released.by or '?'})"
         )
+    if state.maintenance is not None:
+        mark = state.maintenance
+        age = duration(now - mark.since) if mark.since > 0 else "?"
+        forced = " (forced)" if mark.forced else ""
+        why = f": {mark.reason}" if mark.reason else ""
+        details.append(f"in maintenance{forced} for {age} by {mark.by or '?'}{why}; new leases are refused")
     if groups and not row.in_group:
         details.append("draining, but no longer in the group: the guard records it released (gone)")
     details.extend(f"problem: {problem}" for problem in state.problems)

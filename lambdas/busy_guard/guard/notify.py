@@ -120,6 +120,4 @@ class GuardEvents:
                 logger.warning(f"PutEvents failed for {failed} event(s): {sorted(map(str, errors))}")
                 metrics.add_metric(name=MetricName.EVENTS_FAILED, unit=MetricUnit.Count, value=failed)
             put += len(batch) - failed
-        if put:
-            metrics.add_metric(name=MetricName.EVENTS_PUT, unit=MetricUnit.Count, value=put)
         return put

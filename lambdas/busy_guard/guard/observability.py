@@ -24,5 +24,4 @@ class MetricName:
     IGNORED_EVENTS = "IgnoredEvents"
     MALFORMED_EVENTS = "MalformedEvents"
     OBSERVED = "ObserveOnlyDecisions"  # observe-only: completed at once; dimension "would"
-    EVENTS_PUT = "EventsPut"
     EVENTS_FAILED = "EventsNotPut"

@@ -82,6 +82,7 @@ DETAIL_TYPE = "EC2 Instance-terminate Lifecycle Action"
 
 COMPLETE = "CompleteLifecycleAction"
 HEARTBEAT = "RecordLifecycleActionHeartbeat"
+DESCRIBE_REFRESHES = "DescribeInstanceRefreshes"  # moto 5.2 does not implement instance refreshes
 
 TERMINATING_WAIT = "Terminating:Wait"
 WARMED_PENDING_WAIT = "Warmed:Pending:Wait"
@@ -275,6 +276,7 @@ class LifecycleHookEmulator:
         self._events: list[dict[str, Any]] = []
         self._stats: defaultdict[str, CallStats] = defaultdict(CallStats)
         self._faults: defaultdict[str, deque[_Fault]] = defaultdict(deque)
+        self._refreshes: dict[str, list[dict[str, Any]]] = {}  # group -> its instance refreshes
 
     # --- wiring ---------------------------------------------------------------------------------
     def attach(self, client: AutoScalingClient) -> AutoScalingClient:
@@ -376,6 +378,54 @@ class LifecycleHookEmulator:
             for event in events:
                 self.on_event(event)
         return events
+
+    def instance_refresh(
+        self,
+        group_name: str,
+        *,
+        status: str = "InProgress",
+        percent_complete: int = 0,
+        instances_to_update: int = 0,
+        status_reason: str = "",
+    ) -> str:
+        """Record an instance refresh of ``group_name`` (newest first in ``DescribeInstanceRefreshes``,
+        which the emulator answers: moto has no instance refreshes). Its terminations are still
+        started with :meth:`terminate`, as Auto Scaling would pick them. Returns its id."""
+        with self._lock:
+            refresh_id = str(uuid.uuid4())
+            self._refreshes.setdefault(group_name, []).insert(
+                0,
+                {
+                    "InstanceRefreshId": refresh_id,
+                    "AutoScalingGroupName": group_name,
+                    "Status": status,
+                    "StatusReason": status_reason,
+                    "StartTime": self._clock(),
+                    "PercentageComplete": percent_complete,
+                    "InstancesToUpdate": instances_to_update,
+                },
+            )
+            return refresh_id
+
+    def _refreshes_xml(self, group_name: str) -> str:
+        members = []
+        for refresh in self._refreshes.get(group_name, []):
+            fields = []
+            for key, raw in refresh.items():
+                text = (
+                    datetime.fromtimestamp(raw, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                    if key == "StartTime"
+                    else str(raw)
+                )
+                if text:
+                    fields.append(f"<{key}>{escape(text)}</{key}>")
+            members.append(f"<member>{''.join(fields)}</member>")
+        operation = DESCRIBE_REFRESHES
+        return (
+            f'<{operation}Response xmlns="{_NS}"><{operation}Result><InstanceRefreshes>{"".join(members)}'
+            f"</InstanceRefreshes></{operation}Result>"
+            f"<ResponseMetadata><RequestId>{uuid.uuid4()}</RequestId></ResponseMetadata></{operation}Response>"
+        )
 
     def relaunch(self, instance_id: str) -> None:
         """Bring a warmed instance back into its group, InService, with the same id."""
@@ -517,6 +567,10 @@ class LifecycleHookEmulator:
                 else:
                     stats.accepted += 1
                     status, body = 200, _success_xml(operation)
+            elif operation == DESCRIBE_REFRESHES:
+                params = _flat_params(request.body)
+                stats.accepted += 1
+                status, body = 200, self._refreshes_xml(params.get("AutoScalingGroupName", ""))
             else:
                 return None  # moto answers
         # Keep moto's before-send stubber (it runs after us) from executing the call as well.
