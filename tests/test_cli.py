@@ -36,7 +36,7 @@ import pytest
 from busy_guard import schema
 from busy_guard.cli import main
 from busy_guard.guard.table import BusyTable
-from busy_guard.sandbox import ManualClock
+from busy_guard.sandbox import LifecycleHookEmulator, ManualClock
 from busy_guard.sandbox.world import MOTO_EXAMPLE_AMI, Sandbox
 from busy_guard.schema import Draining, Lease
 
@@ -706,16 +706,17 @@ def test_release_unknown_group(world: World) -> None:
 
 # --- release of a real pending action: in-process, with the lifecycle-hook emulator --------------------
 class EmulatedSession(boto3.Session):
-    """A session whose autoscaling clients answer the lifecycle-action calls (the sandbox's emulator)."""
+    """A session whose autoscaling clients answer through the lifecycle-hook emulator (the
+    lifecycle-action calls and instance refreshes moto lacks)."""
 
-    def __init__(self, sandbox: Sandbox) -> None:
+    def __init__(self, emulator: LifecycleHookEmulator) -> None:
         super().__init__(region_name=REGION)
-        self._sandbox = sandbox
+        self._emulator = emulator
 
     def client(self, service_name: str, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         client = super().client(service_name, *args, **kwargs)
         if service_name == "autoscaling":
-            self._sandbox.emulator.attach(client)
+            self._emulator.attach(client)
         return client
 
 
@@ -750,7 +751,7 @@ def local(monkeypatch: pytest.MonkeyPatch) -> Iterator[Local]:
         monkeypatch.delenv(name)
     clock = ManualClock(time.time() - 3600)
     with Sandbox.start(clock=clock) as sandbox:
-        yield Local(sandbox, EmulatedSession(sandbox), clock)
+        yield Local(sandbox, EmulatedSession(sandbox.emulator), clock)
 
 
 def test_release_completes_the_hook_and_records_who_and_why(

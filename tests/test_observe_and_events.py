@@ -10,13 +10,12 @@ from typing import Any
 import boto3
 import pytest
 from botocore.config import Config
-from test_cli import GROUP, REGION, World, moto_server
+from test_cli import GROUP, REGION, EmulatedSession, World, moto_server
 from test_drain import busy_lease, end_lease, guard_on
 
 from busy_guard.cli import main
 from busy_guard.guard import handler
 from busy_guard.guard.notify import GuardEvents
-from busy_guard.sandbox.hooks import LifecycleHookEmulator
 from busy_guard.sandbox.world import matches, scheduled_event
 
 __all__ = ["moto_server"]
@@ -145,20 +144,6 @@ def test_a_failing_put_events_never_blocks_a_decision(world: World, caplog: pyte
     assert (outcome["step"], outcome["reason"]) == ("completed", "idle")
     assert emulator.completions(instance)[0].result == "CONTINUE"
     assert any(message.startswith("PutEvents failed for 1 event(s)") for message in caplog.messages)
-
-
-class EmulatedSession(boto3.Session):
-    """The CLI's session: its autoscaling clients answer through the emulator (moto has no refreshes)."""
-
-    def __init__(self, emulator: LifecycleHookEmulator) -> None:
-        super().__init__(region_name=REGION)
-        self._emulator = emulator
-
-    def client(self, service_name: str, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        client = super().client(service_name, *args, **kwargs)
-        if service_name == "autoscaling":
-            self._emulator.attach(client)
-        return client
 
 
 def test_status_shows_the_refresh_and_what_holds_it(world: World, capsys: pytest.CaptureFixture[str]) -> None:

@@ -223,15 +223,20 @@ def _record(outcomes: Iterable[Outcome]) -> None:
                 metrics.add_metric(
                     name=MetricName.HOOK_WAIT_SECONDS, unit=MetricUnit.Seconds, value=outcome.waited
                 )
-            # By reason, in its own EMF blob, so the dimension doesn't spill onto the others.
-            with single_metric(
-                name=MetricName.COMPLETED,
-                unit=MetricUnit.Count,
-                value=1,
-                namespace=NAMESPACE,
-                default_dimensions={"service": SERVICE},
-            ) as metric:
-                metric.add_dimension(name="reason", value=str(decision.reason))
+            _count_by(MetricName.COMPLETED, "reason", str(decision.reason))
+
+
+def _count_by(name: str, dimension: str, value: str) -> None:
+    """One count with its own dimension, in its own EMF blob, so the dimension doesn't spill onto
+    the invocation's other metrics."""
+    with single_metric(
+        name=name,
+        unit=MetricUnit.Count,
+        value=1,
+        namespace=NAMESPACE,
+        default_dimensions={"service": SERVICE},
+    ) as metric:
+        metric.add_dimension(name=dimension, value=value)
 
 
 def _publish(events: GuardEvents | None, outcomes: list[Outcome]) -> None:
@@ -294,14 +299,7 @@ def _observed(instance_id: str, asg: str, decision: Decision, completed: str) ->
         detail=decision.detail,
         hook_result=completed,
     )
-    with single_metric(
-        name=MetricName.OBSERVED,
-        unit=MetricUnit.Count,
-        value=1,
-        namespace=NAMESPACE,
-        default_dimensions={"service": SERVICE},
-    ) as metric:
-        metric.add_dimension(name="would", value=f"{decision.action}_{decision.reason}")
+    _count_by(MetricName.OBSERVED, "would", f"{decision.action}_{decision.reason}")
 
 
 def _summary(outcomes: list[Outcome]) -> dict[str, Any]:
