@@ -11,6 +11,7 @@ clients carry the emulator.
 from __future__ import annotations
 
 import http.server
+import importlib.metadata
 import io
 import json
 import os
@@ -248,7 +249,7 @@ def test_bad_arguments_as_a_user_sees_them() -> None:
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
-    assert capsys.readouterr().out.strip() == "busy-guard 0.1.0"
+    assert capsys.readouterr().out.strip() == f"busy-guard {importlib.metadata.version('busy-guard')}"
 
 
 class HtmlPage(http.server.BaseHTTPRequestHandler):
