@@ -23,3 +23,7 @@ class MetricName:
     RECONCILE_ERRORS = "ReconcileErrors"
     IGNORED_EVENTS = "IgnoredEvents"
     MALFORMED_EVENTS = "MalformedEvents"
+    TICK_WORK_CAPPED = "TickWorkCapped"
+    REJECTED_ITEMS = "RejectedItems"
+    DEFERRED = "DeferredReconciles"
+    HOOK_MISMATCH = "HookConfigMismatch"
