@@ -485,7 +485,7 @@ class TickPolicy:
     asg_names: tuple[str, ...]
     hook_name: str
     heartbeat_timeout: float  # past this without our heartbeat, AWS applied the DefaultResult
-    max_work: int = settings.MAX_TICK_WORK
+    max_work: int
 
 
 @dataclass(frozen=True)

@@ -180,6 +180,7 @@ class Guard:
             asg_names=self._config.asg_names,
             hook_name=self._hooks.hook_name,
             heartbeat_timeout=self._heartbeat_timeout(cached_only=True),
+            max_work=settings.MAX_TICK_WORK,
         )
         try:
             items = self._table.marked_items(deadline)
