@@ -33,7 +33,8 @@ Not emulated: launching hooks (``Pending:Wait``); Auto Scaling choosing victims 
 instance refresh: call :meth:`LifecycleHookEmulator.terminate`); ``DesiredCapacity`` dropping at the
 start of the wait rather than at its end; instance lifecycle policies
 (``TerminateHookAbandon: retain``); SNS/SQS notification targets and the
-``autoscaling:TEST_NOTIFICATION``; IAM. Error wording AWS does not document is the emulator's own (see ``_find_locked``); "No active Lifecycle Action found with instance ID i-…" and
+``autoscaling:TEST_NOTIFICATION``; IAM. Error wording AWS does not document is the emulator's own
+(see ``_find_locked``); "No active Lifecycle Action found with instance ID i-…" and
 "… with token …" are AWS's.
 
 Sandbox only: nothing outside ``busy_guard.sandbox`` imports this module, and it never imports moto.
