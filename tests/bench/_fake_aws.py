@@ -110,7 +110,8 @@ class FakeAws:
             return _response(200, self._describe, "text/xml")
         if operation == "DescribeLifecycleHooks":
             xml = (
-                f'<DescribeLifecycleHooksResponse xmlns="{_NS}"><DescribeLifecycleHooksResult><LifecycleHooks>'
+                f'<DescribeLifecycleHooksResponse xmlns="{_NS}">'
+                "<DescribeLifecycleHooksResult><LifecycleHooks>"
                 f"<member><LifecycleHookName>{HOOK}</LifecycleHookName>"
                 f"<AutoScalingGroupName>{escape(self.group)}</AutoScalingGroupName>"
                 "<LifecycleTransition>autoscaling:EC2_INSTANCE_TERMINATING</LifecycleTransition>"

@@ -30,8 +30,8 @@ from enum import StrEnum
 from busy_guard import schema, settings
 from busy_guard.decision import Action, Decision, DecisionConfig, Reason, StateUnavailable, decide
 from busy_guard.guard.autoscaling import IN_SERVICE, GroupInstance, HookResult
-from busy_guard.guard.models import INSTANCE_ID_PATTERN
 from busy_guard.schema import BusyState, Draining, Proof, Released
+from busy_guard.settings import INSTANCE_ID_PATTERN
 
 GONE = "gone"
 
