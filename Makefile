@@ -13,13 +13,14 @@ LAMBDA_DEPS := build/lambda-deps
 LAMBDA_DEPS_STAMP := build/.lambda-deps-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install lambda-deps demo test lint typecheck pytest synth bench clean
+.PHONY: help install lambda-deps demo test lint typecheck pytest synth bench soak clean
 
 help:
 	@echo "make demo   - run the whole guard on a local sandbox (no AWS account)"
 	@echo "make test   - lint, type-check, pytest, and synthesize the CDK app with the real cdk CLI"
 	@echo "make synth  - cdk synth into cdk.out/ (no AWS credentials needed)"
 	@echo "make bench  - benchmarks in tests/bench/, figures printed"
+	@echo "make soak   - the model-based test of the whole system (tests/test_model.py), long profile"
 
 define make_venv
 	@test -n "$(PYTHON)" || { echo 'make: no Python 3.11 or later found' >&2; exit 2; }
@@ -81,6 +82,11 @@ test: lint typecheck pytest synth
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench
+
+# The model-based test with a long budget (make test runs it on a small one).
+soak: $(STAMP)
+	BUSY_GUARD_MODEL_EXAMPLES=$${BUSY_GUARD_MODEL_EXAMPLES:-60} BUSY_GUARD_MODEL_STEPS=$${BUSY_GUARD_MODEL_STEPS:-80} \
+		$(BIN)/pytest -q -s tests/test_model.py
 
 clean:
 	rm -rf $(VENV) node_modules cdk.out build .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -750,7 +750,8 @@ class Local:
 def local(monkeypatch: pytest.MonkeyPatch) -> Iterator[Local]:
     for name in [name for name in os.environ if name.startswith("BUSY_GUARD_")]:
         monkeypatch.delenv(name)
-    clock = ManualClock(time.time() - 3600)
+    # Whole seconds, like the lifecycle event's time that starts the guard's wait.
+    clock = ManualClock(float(int(time.time()) - 3600))
     with Sandbox.start(clock=clock) as sandbox:
         yield Local(sandbox, EmulatedSession(sandbox.emulator), clock)
 

@@ -40,7 +40,11 @@ def test_every_scenario_passes(capsys: pytest.CaptureFixture[str]) -> None:
     # The timelines show what happened, on simulated time.
     assert "guard (stream): CONTINUE idle after 24m20s → hook completed CONTINUE → terminated" in text
     assert "refused: InstanceDrainingError (draining since +01:00)" in text
-    assert "+02:00…+25:00  24 schedule ticks: guard WAIT busy (bulk_table_insert), hook heartbeat x24" in text
+    # A heartbeat only when a third of the 15-minute HeartbeatTimeout has passed: 5 in 24 ticks.
+    assert (
+        "+02:00…+25:00  24 schedule ticks: guard WAIT busy (bulk_table_insert), hook heartbeat x5, "
+        "lease renewed x24"
+    ) in text
     assert text.rstrip().splitlines()[-1].startswith("4/4 scenarios passed in ")
     # The guard's JSON logs and EMF metrics stay out of the output, and nothing else is printed.
     assert not [line for line in text.splitlines() if line.lstrip().startswith("{")]

@@ -35,7 +35,8 @@ from busy_guard import schema
 from busy_guard.guard import handler
 from busy_guard.guard.autoscaling import LifecycleHooks
 from busy_guard.guard.config import GuardConfig
-from busy_guard.guard.reconcile import Guard, Step
+from busy_guard.guard.planner import End as Step
+from busy_guard.guard.reconcile import Guard
 from busy_guard.guard.table import BusyTable
 from busy_guard.sandbox import ManualClock
 from busy_guard.sandbox.hooks import LifecycleHookEmulator

@@ -19,7 +19,7 @@ survived.
 
 One sandbox (moto + emulator) serves the whole module: every case takes fresh instances and a fresh
 guard with fresh clients (a fresh botocore retry quota), so cases stay independent and the module
-stays fast. Sleeps of botocore's retries and of the guard's own retry loop are skipped for the
+stays fast. Sleeps of botocore's retries (the only retry layer) are skipped for the
 guard (counted instead); the writer keeps its real sleeps, because its time budget is under test.
 """
 
@@ -48,7 +48,8 @@ from busy_guard.guard.handler import ReconcileError
 from busy_guard.guard.reconcile import Guard
 from busy_guard.guard.table import BusyTable, TableUnavailableError
 from busy_guard.sandbox.clock import ManualClock
-from busy_guard.sandbox.world import HOOK, Sandbox, matches
+from busy_guard.sandbox.world import HOOK, Sandbox, SandboxSettings, matches
+from busy_guard.settings import MIN_HEARTBEAT_TIMEOUT_SECONDS, heartbeat_every_seconds
 
 START = 1_800_000_000.0
 GROUP = "graph-db"
@@ -90,7 +91,7 @@ class Ledger:
 
 
 LEDGER = Ledger()
-SKIPPED_SLEEPS: list[float] = []  # the guard's retry backoffs, recorded instead of slept
+SKIPPED_SLEEPS: list[float] = []  # botocore's retry backoffs, recorded instead of slept
 
 
 # --- DynamoDB faults --------------------------------------------------------------------------------
@@ -307,7 +308,7 @@ class World:
         sb = self.sb
         table = BusyTable(sb.session.client("dynamodb", config=guard_handler._AWS_CONFIG), sb.table_name)
         autoscaling = sb.emulator.attach(sb.session.client("autoscaling", config=guard_handler._AWS_CONFIG))
-        hooks = LifecycleHooks(autoscaling, HOOK, sleep=SKIPPED_SLEEPS.append)
+        hooks = LifecycleHooks(autoscaling, HOOK)
         guard = Guard(table=table, hooks=hooks, config=sb.guard_config, clock=self.clock)
         guard_handler.use_guard(guard)
         sb.guard = guard
@@ -359,7 +360,13 @@ class World:
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
     clock = ManualClock(START)
-    with Sandbox.start(clock=clock) as sb:
+    # A HeartbeatTimeout just over three ticks: a heartbeat is due on every tick (after
+    # settings.heartbeat_every_seconds), so each tick during a fault shows whether the busy instance
+    # is still held, and a lost event survives the two failed ticks of a fault.
+    timeout = MIN_HEARTBEAT_TIMEOUT_SECONDS + 30
+    assert heartbeat_every_seconds(timeout, TICK) < TICK - 1
+    settings = SandboxSettings(heartbeat_timeout=timeout, max_wait=3 * 3600)
+    with Sandbox.start(settings, clock=clock) as sb:
         yield World(sb, clock)
 
 
@@ -839,7 +846,9 @@ def test_a_long_complete_outage_is_finished_by_the_first_tick_after_it(
     case.area, case.faults = "guard/autoscaling", faults
     with pytest.raises(AutoScalingUnavailableError):
         sb.terminate(instance)  # idle: released at once, but the completion fails (Lambda retries)
-    failed = [w.tick() for _ in range(5)]
+    # every tick while the hook may still be waiting, short of its HeartbeatTimeout
+    failed = [w.tick() for _ in range(int(sb.guard_config.heartbeat_timeout // TICK) - 1)]
+    assert len(failed) >= 2
     assert all(error is not None for error in failed)  # every tick tries, and says it failed
     assert completions(sb, instance) == []
     faults.clear()

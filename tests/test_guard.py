@@ -70,11 +70,13 @@ def test_busy_instance_waits_then_is_released_by_the_stream(sandbox: Sandbox, cl
     assert sandbox.emulator.state(instance) == "Terminating:Wait"
     assert sandbox.item(instance).draining is not None
 
-    for _ in range(3):  # the work goes on; the schedule keeps the hook alive
+    for _ in range(6):  # the work goes on; the schedule keeps the hook alive
         clock.advance(60)
         assert sandbox.renew(lease)
         sandbox.tick()
-    assert sandbox.emulator.heartbeats(instance) == 3
+    # Heartbeats when due: the first tick (the item can't say when the hook's timer started), then
+    # once a third of the 15-minute HeartbeatTimeout has passed.
+    assert sandbox.emulator.heartbeats(instance) == 2
     assert completions(sandbox, instance) == []
 
     Sandbox.end(lease)
@@ -262,10 +264,22 @@ def test_calls_per_decision(sandbox: Sandbox, clock: ManualClock) -> None:
     clock.advance(60)
     sandbox.tick()
     tick = calls.take()
-    # Listing (1 describe page + 1 scan) plus the busy check itself: one heartbeat.
-    assert tick["RecordLifecycleActionHeartbeat"] == 1
-    assert tick["UpdateItem"] == 0 and tick["GetItem"] == 0
-    assert sum(tick.values()) - tick["DescribeAutoScalingGroups"] - tick["Scan"] <= 2, tick
+    # Listing (1 describe page + 1 scan), our hook read once per container, then the first tick's
+    # heartbeat (the item can't say when the hook's timer started) and its record on the item.
+    listing = tick.pop("DescribeAutoScalingGroups") + tick.pop("Scan")
+    assert listing == 2 and tick.pop("DescribeLifecycleHooks") == 1
+    assert tick == Counter({"RecordLifecycleActionHeartbeat": 1, "UpdateItem": 1}), tick
+
+    # Until a third of the 15-minute HeartbeatTimeout has passed, a tick only lists.
+    for _ in range(4):
+        clock.advance(60)
+        assert sandbox.renew(lease)
+        calls.take()
+        sandbox.tick()
+        assert calls.take() == Counter({"DescribeAutoScalingGroups": 1, "Scan": 1})
+    clock.advance(60)
+    sandbox.tick()
+    assert calls.take()["RecordLifecycleActionHeartbeat"] == 1
 
     Sandbox.end(lease)
     sandbox.pump_stream()
@@ -417,7 +431,7 @@ def test_a_heartbeat_in_the_same_second_defeats_a_stale_claim(sandbox: Sandbox, 
         schema.Released(at=clock(), reason="stale", by="test"),
         ttl=clock() + 60,
         draining_since=seen.draining.since,
-        unchanged=seen,
+        proof=schema.Proof(unchanged=seen),
     )
     assert not claimed
     assert current.draining is not None and current.leases[0].expires_at == clock() + 180

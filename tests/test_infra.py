@@ -577,6 +577,9 @@ def test_wildcard_resources_only_for_actions_that_support_nothing_else(template:
             wildcard_actions |= actions_of(statement)
     assert wildcard_actions == {
         "autoscaling:DescribeAutoScalingGroups",
+        # the tick reads our hook's real timeout, and the warm pools' instances
+        "autoscaling:DescribeLifecycleHooks",
+        "autoscaling:DescribeWarmPool",
         "dynamodb:ListStreams",
         "xray:PutTraceSegments",
         "xray:PutTelemetryRecords",

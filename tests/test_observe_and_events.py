@@ -105,24 +105,27 @@ def test_held_and_released_events_are_put_on_the_default_bus(world: World) -> No
     instance = world.instances()[0]
     lease = busy_lease(world, instance)
     (event,) = emulator.terminate(instance)
-    handler.route(event, guard, events)
+    handler.route(event, guard, events=events)
     (held,) = inbox.take()
     assert held["source"] == "busy-guard" and held["detail-type"] == "Instance held"
     assert held["bus"] == "default"
-    assert held["detail"] == {
+    detail = dict(held["detail"])
+    # Measured from the lifecycle event's time (whole seconds), when Terminating:Wait started.
+    waited = detail.pop("waited_seconds")
+    assert isinstance(waited, int) and waited >= 0
+    assert detail == {
         "instance_id": instance,
         "group": GROUP,
         "reason": "busy",
         "action": "WAIT",
-        "waited_seconds": 0,
         "lease_kinds": ["bulk_table_insert"],
         "trigger": "event",
     }
-    handler.route(scheduled_event(time.time()), guard, events)  # a heartbeat: no new event
+    handler.route(scheduled_event(time.time()), guard, events=events)  # a heartbeat: no new event
     assert inbox.take() == []
 
     end_lease(world, instance, lease)
-    handler.route(scheduled_event(time.time()), guard, events)
+    handler.route(scheduled_event(time.time()), guard, events=events)
     (released,) = inbox.take()
     assert released["detail-type"] == "Instance released"
     detail = released["detail"]
@@ -140,7 +143,7 @@ def test_a_failing_put_events_never_blocks_a_decision(world: World, caplog: pyte
     )
     instance = world.instances()[0]
     (event,) = emulator.terminate(instance)
-    (outcome,) = handler.route(event, guard, GuardEvents(dead))["outcomes"]
+    (outcome,) = handler.route(event, guard, events=GuardEvents(dead))["outcomes"]
     assert (outcome["step"], outcome["reason"]) == ("completed", "idle")
     assert emulator.completions(instance)[0].result == "CONTINUE"
     assert any(message.startswith("PutEvents failed for 1 event(s)") for message in caplog.messages)

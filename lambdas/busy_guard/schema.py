@@ -8,7 +8,7 @@ the guard (low-level clients) and the stream records all speak it. The layout is
     active_destructive_ops   N   kept equal to the number of leases (counter-only readers)
     last_destructive_op_at   S   ISO-8601 UTC of the last begin/end/heartbeat
     last_destructive_op_kind S
-    draining                 M   {since, asg, hook}: the guard has looked; no new leases
+    draining                 M   {since, asg, hook, heartbeat_at}: the guard has looked; no new leases
     released                 M   {at, reason, by}: the hook was completed
     maintenance              M   {since, by, reason, token, forced}: an in-place drain; no new leases
     last_maintenance         M   {since, ended_at, by, reason, forced, result}: the last drain's record
@@ -19,10 +19,13 @@ the guard (low-level clients) and the stream records all speak it. The layout is
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from busy_guard import settings
 
 # --- attribute names: the only place they are spelled -------------------------------------------
 INSTANCE_ID = "instance_id"
@@ -51,6 +54,7 @@ AT = "at"
 REASON = "reason"
 BY = "by"
 CONFIRMED_AT = "confirmed_at"
+RECHECKED_AT = "rechecked_at"
 # fields of maintenance / last_maintenance
 TOKEN = "token"  # noqa: S105 - an attribute name: the drain run's id, not a secret
 FORCED = "forced"
@@ -82,6 +86,8 @@ class Draining:
     since: float
     asg: str
     hook: str
+    # When the guard last heartbeat the hook (recorded after the call): heartbeats only when due.
+    heartbeat_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -274,7 +280,12 @@ def _parse_draining(value: Any, problems: list[str]) -> Draining | None:
         # Still draining: an unreadable mark must never let new leases look welcome.
         problems.append(f"{DRAINING} is unreadable; treated as draining since the epoch")
         return Draining(since=0.0, asg="", hook="")
-    return Draining(since=since, asg=_string(fields.get(ASG)) or "", hook=_string(fields.get(HOOK)) or "")
+    return Draining(
+        since=since,
+        asg=_string(fields.get(ASG)) or "",
+        hook=_string(fields.get(HOOK)) or "",
+        heartbeat_at=_number(fields.get(HEARTBEAT_AT)),
+    )
 
 
 def _parse_released(value: Any, problems: list[str]) -> Released | None:
@@ -563,6 +574,76 @@ _IDLE_CLAUSE = (
     " AND (attribute_not_exists(#leases) OR size(#leases) = :zero)"
     " AND attribute_not_exists(#legacy)"
 )
+_IDLE_NAMES = {"#count": COUNTER, "#leases": LEASES, "#legacy": LEGACY_LEASES}
+
+
+def whole_seconds(epoch: float) -> int:
+    """A TTL value: DynamoDB's TTL wants whole epoch seconds."""
+    return int(epoch)
+
+
+@dataclass(frozen=True)
+class Proof:
+    """What a release's condition must prove about the item itself, never about a copy of it.
+
+    ``idle``: no lease, no counter above zero and no legacy set, exactly the item ``decide`` calls
+    idle. Otherwise ``unchanged`` is the state a ``stale`` decision was made on: the claim requires
+    the same number of leases with the same expiries, the same counter, the same number of legacy
+    entries and the same writer timestamp, so any writer's change since the read defeats it."""
+
+    idle: bool = False
+    unchanged: BusyState | None = None
+
+
+def proof_clauses(proof: Proof) -> tuple[list[str], dict[str, str], dict[str, Any]]:
+    """(conditions, names, values) of a proof, for any conditional update of the guard's."""
+    if proof.idle:
+        return [_IDLE_CLAUSE], dict(_IDLE_NAMES), {":zero": num(0)}
+    state = proof.unchanged
+    if state is None:
+        return [], {}, {}
+    names: dict[str, str] = {"#last_at": LAST_OP_AT, **_IDLE_NAMES}
+    values: dict[str, Any] = {}
+    conditions: list[str] = []
+    if state.last_op_at_raw is None:
+        conditions.append("attribute_not_exists(#last_at)")
+    else:
+        values[":last_at"] = string(state.last_op_at_raw)
+        conditions.append("#last_at = :last_at")
+    if state.counter is not None:
+        values[":count"] = num(state.counter)
+        conditions.append("#count = :count")
+    elif not state.unreadable_markers:
+        conditions.append("attribute_not_exists(#count)")
+    if not state.leases and not state.corrupt_leases:
+        conditions.append("attribute_not_exists(#leases)")
+    elif state.leases or state.corrupt_leases != 1:
+        # (one corrupt entry and no lease is also what a ``leases`` that is no map parses as)
+        values[":lease_count"] = num(len(state.leases) + state.corrupt_leases)
+        conditions.append("size(#leases) = :lease_count")
+    if state.leases:
+        names["#exp"] = EXPIRES_AT
+    for n, lease in enumerate(state.leases):
+        names[f"#l{n}"] = lease.lease_id
+        values[f":exp{n}"] = num(lease.expires_at)
+        conditions.append(f"#leases.#l{n}.#exp = :exp{n}")
+    if state.legacy_leases:
+        values[":legacy_count"] = num(len(state.legacy_leases))
+        conditions.append("size(#legacy) = :legacy_count")
+    elif not state.unreadable_markers:
+        conditions.append("attribute_not_exists(#legacy)")
+    # DynamoDB refuses a name or value the expression does not use.
+    used = set(re.findall(r"[#:][A-Za-z0-9_]+", " ".join(conditions)))
+    return (
+        conditions,
+        {k: v for k, v in names.items() if k in used},
+        {k: v for k, v in values.items() if k in used},
+    )
+
+
+def provable(state: BusyState) -> bool:
+    """Whether a stale release of ``state`` fits in one condition expression (4 KB)."""
+    return len(state.leases) <= settings.MAX_PROVEN_LEASES
 
 
 def release_if_idle_update(released: Released, *, ttl: float, not_before: float) -> UpdateRequest:
@@ -581,9 +662,7 @@ def release_if_idle_update(released: Released, *, ttl: float, not_before: float)
             " OR #released.#at < :not_before)"
         ),
         "ExpressionAttributeNames": {
-            "#count": COUNTER,
-            "#leases": LEASES,
-            "#legacy": LEGACY_LEASES,
+            **_IDLE_NAMES,
             "#draining": DRAINING,
             "#released": RELEASED,
             "#at": AT,
@@ -592,7 +671,7 @@ def release_if_idle_update(released: Released, *, ttl: float, not_before: float)
         "ExpressionAttributeValues": {
             ":zero": num(0),
             ":released": released_value(released),
-            ":ttl": num(ttl),
+            ":ttl": num(whole_seconds(ttl)),
             ":not_before": num(not_before),
         },
         "ReturnValues": "ALL_OLD",
@@ -600,45 +679,33 @@ def release_if_idle_update(released: Released, *, ttl: float, not_before: float)
     }
 
 
-# Beyond this many leases the claim checks only the writer's timestamp (expressions are bounded).
-MAX_CHECKED_LEASES = 20
-
-
 def release_update(
     released: Released,
     *,
     ttl: float,
     draining_since: float | None,
-    unchanged: BusyState | None = None,
+    proof: Proof | None = None,
 ) -> UpdateRequest:
     """Move the mark from ``draining`` to ``released`` (with its TTL).
 
     ``draining_since`` makes it a claim on one particular wait: of two concurrent triggers only one
-    succeeds, and a release never lands on a newer termination. ``unchanged`` is the state the
-    decision was made on: the claim also requires that no writer touched the item since (its
-    timestamp, and each lease's expiry, which a heartbeat renews with sub-second precision, where
-    the timestamp has whole seconds). ``draining_since=None`` is the operator's unconditional override.
+    succeeds, and a release never lands on a newer termination. ``proof`` is what the decision
+    claims about the item (see :class:`Proof`); ``None`` only for ``max_wait`` and ``gone``, which
+    end the wait whatever writers do. ``draining_since=None`` and no proof is the operator's
+    unconditional override.
     """
     names: dict[str, str] = {"#released": RELEASED, "#ttl": TTL, "#draining": DRAINING}
-    values: dict[str, Any] = {":released": released_value(released), ":ttl": num(ttl)}
+    values: dict[str, Any] = {":released": released_value(released), ":ttl": num(whole_seconds(ttl))}
     conditions: list[str] = []
     if draining_since is not None:
         names["#since"] = SINCE
         values[":since"] = num(draining_since)
         conditions.append("#draining.#since = :since")
-    if unchanged is not None:
-        names["#last_at"] = LAST_OP_AT
-        if unchanged.last_op_at_raw is None:
-            conditions.append("attribute_not_exists(#last_at)")
-        else:
-            values[":last_at"] = string(unchanged.last_op_at_raw)
-            conditions.append("#last_at = :last_at")
-        if 0 < len(unchanged.leases) <= MAX_CHECKED_LEASES:
-            names.update({"#leases": LEASES, "#exp": EXPIRES_AT})
-            for n, lease in enumerate(unchanged.leases):
-                names[f"#l{n}"] = lease.lease_id
-                values[f":exp{n}"] = num(lease.expires_at)
-                conditions.append(f"#leases.#l{n}.#exp = :exp{n}")
+    if proof is not None:
+        more, more_names, more_values = proof_clauses(proof)
+        conditions.extend(more)
+        names.update(more_names)
+        values.update(more_values)
     request: UpdateRequest = {
         "UpdateExpression": "SET #released = :released, #ttl = :ttl REMOVE #draining",
         "ExpressionAttributeNames": names,
@@ -648,6 +715,46 @@ def release_update(
     if conditions:
         request["ConditionExpression"] = " AND ".join(conditions)
     return request
+
+
+def record_heartbeat_update(*, draining_since: float, at: float) -> UpdateRequest:
+    """Note on the draining mark when the guard last heartbeat the hook, so later ticks heartbeat
+    only when one is due. Only on that very wait, and never backwards.
+
+    The write changes the item, so it emits a stream record; the filter still drops it, because
+    the counter is the same in both images (the filter wants it to go from non-zero to zero)."""
+    return {
+        "UpdateExpression": "SET #draining.#hb = :at",
+        "ConditionExpression": (
+            "#draining.#since = :since AND (attribute_not_exists(#draining.#hb) OR #draining.#hb < :at)"
+        ),
+        "ExpressionAttributeNames": {"#draining": DRAINING, "#since": SINCE, "#hb": HEARTBEAT_AT},
+        "ExpressionAttributeValues": {":since": num(draining_since), ":at": num(at)},
+    }
+
+
+def recheck_release_update(released_at: float, *, now: float, proof: Proof) -> UpdateRequest:
+    """Before completing a recorded release again, prove on the item what that release claimed.
+
+    A recorded release refuses new leases, so a live lease beside it means the mark was not the
+    guard's to trust (a forged or restored item): the condition fails and the guard looks again.
+    Never matched by the stream filter (no ``draining``)."""
+    conditions, names, values = proof_clauses(proof)
+    return {
+        "UpdateExpression": "SET #released.#rechecked = :now",
+        "ConditionExpression": " AND ".join(
+            ["attribute_not_exists(#draining)", "#released.#at = :at", *conditions]
+        ),
+        "ExpressionAttributeNames": {
+            "#released": RELEASED,
+            "#rechecked": RECHECKED_AT,
+            "#draining": DRAINING,
+            "#at": AT,
+            **names,
+        },
+        "ExpressionAttributeValues": {":now": num(now), ":at": num(released_at), **values},
+        "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+    }
 
 
 def confirm_release_update(released_at: float, *, now: float) -> UpdateRequest:
@@ -750,8 +857,10 @@ def stream_filter_pattern() -> dict[str, Any]:
     The guard's own writes never match: its look leaves the counter alone and its release removes
     ``draining``. Heartbeats keep the counter above zero. Needs NEW_AND_OLD_IMAGES.
     """
+    # No top-level ``eventName`` clause: DynamoDB event source mappings filter only on the ``dynamodb``
+    # key (https://docs.aws.amazon.com/lambda/latest/dg/with-ddb-filtering.html), and requiring an
+    # ``OldImage`` already means MODIFY.
     return {
-        "eventName": ["MODIFY"],
         "dynamodb": {
             "OldImage": {COUNTER: {"N": [{"anything-but": ["0"]}]}},
             "NewImage": {

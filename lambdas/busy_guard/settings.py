@@ -40,11 +40,61 @@ TICKS_PER_HEARTBEAT_TIMEOUT: Final = 3
 """HeartbeatTimeout must span this many reconcile ticks, so that two missed ticks in a row (a
 throttled or failed invocation, a late schedule) never let a busy instance's hook time out."""
 MIN_HEARTBEAT_TIMEOUT_SECONDS: Final = RECONCILE_INTERVAL_SECONDS * TICKS_PER_HEARTBEAT_TIMEOUT
+HEARTBEAT_FRACTION: Final = 3
+"""A held instance is heartbeaten once a third of HeartbeatTimeout has passed since the last one:
+Auto Scaling's API rate is account-wide, and every tick's heartbeat would spend N calls a minute."""
+
+
+def heartbeat_every_seconds(heartbeat_timeout_seconds: float, reconcile_interval_seconds: float) -> float:
+    """How long after the last heartbeat the next one is due: a third of the timeout, and soon
+    enough that the ticks missed in a row that ``TICKS_PER_HEARTBEAT_TIMEOUT`` allows still can't
+    let the hook time out."""
+    slack = heartbeat_timeout_seconds - TICKS_PER_HEARTBEAT_TIMEOUT * reconcile_interval_seconds
+    return max(0.0, min(heartbeat_timeout_seconds / HEARTBEAT_FRACTION, slack))
+
+
+# --- the guard's own limits -----------------------------------------------------------------------
+MAX_CLAIM_ROUNDS: Final = 3
+"""Writers touching the item between the guard's read and its claim: re-decide this often at most."""
+RECORDED_RELEASE_RETRY_AFTER_SECONDS: Final = 30
+"""A recorded release this young is still being completed by the invocation that recorded it."""
+MAX_TICK_WORK: Final = 1000
+"""Instances one tick acts on at most; the rest wait for the next tick (metric TickWorkCapped)."""
+MAX_PROVEN_LEASES: Final = 100
+"""Leases a stale release can prove unchanged in one condition expression (4 KB): beyond, it waits."""
+BATCH_GET_ATTEMPTS: Final = 5
+BATCH_GET_BACKOFF_SECONDS: Final = (0.05, 1.0)
+"""BatchGetItem's UnprocessedKeys are retried with full-jitter exponential backoff: base, cap."""
+
+# --- AWS clients: the one retry layer (botocore's standard mode) ----------------------------------
+AWS_CONNECT_TIMEOUT_SECONDS: Final = 3
+AWS_READ_TIMEOUT_SECONDS: Final = 5
+AWS_MAX_ATTEMPTS: Final = 3
+"""Total attempts of one call, the first included (botocore ``total_max_attempts``)."""
+AWS_RETRY_BACKOFF_CAP_SECONDS: Final = 20
+"""botocore's standard mode: attempt n (n >= 1) sleeps random() x 2**(n-1), capped at 20 s."""
+
+
+def aws_call_budget_seconds() -> float:
+    """The longest one AWS call can take, retries and their backoff included."""
+    attempts = AWS_MAX_ATTEMPTS * (AWS_CONNECT_TIMEOUT_SECONDS + AWS_READ_TIMEOUT_SECONDS)
+    backoff = sum(min(AWS_RETRY_BACKOFF_CAP_SECONDS, 2**n) for n in range(AWS_MAX_ATTEMPTS - 1))
+    return float(attempts + backoff)
+
+
+FUNCTION_TIMEOUT_SECONDS: Final = 50
+"""The guard Lambda's timeout: under the one-minute schedule, so ticks never pile up."""
+DEADLINE_MARGIN_SECONDS: Final = 2
+"""Kept back from the remaining time, for the handler's own logging and metrics."""
+LIFECYCLE_EVENT_MAX_DELAY_SECONDS: Final = 3600 + 15 * 60
+"""The rule's target gives up on an event after 1 h, Lambda's async queue after 15 min more: an
+event's ``time`` older than this is not believed as the start of the wait."""
 
 # --- defaults and ranges (seconds unless named otherwise) ----------------------------------------
 DEFAULT_HOOK_NAME: Final = "busy-guard"
 DEFAULT_TABLE_NAME: Final = "busy_guard.instance_busy"
 DEFAULT_HEARTBEAT_TIMEOUT: Final = 900
+DEFAULT_HOOK_RESULT: Final = "CONTINUE"
 DEFAULT_MAX_WAIT: Final = 12 * 3600
 DEFAULT_CLOCK_SKEW: Final = 30
 DEFAULT_LEGACY_STALE: Final = 6 * 3600
@@ -98,6 +148,7 @@ class Env:
     ASG_NAMES: Final = "BUSY_GUARD_ASG_NAMES"  # also the CLI
     HOOK_NAME: Final = "BUSY_GUARD_HOOK_NAME"  # also the CLI
     HEARTBEAT_TIMEOUT: Final = "BUSY_GUARD_HEARTBEAT_TIMEOUT_SECONDS"
+    HOOK_DEFAULT_RESULT: Final = "BUSY_GUARD_HOOK_DEFAULT_RESULT"  # what the stack gave the hook
     MAX_WAIT: Final = "BUSY_GUARD_MAX_WAIT_SECONDS"
     MAX_WAIT_RESULT: Final = "BUSY_GUARD_MAX_WAIT_RESULT"
     CLOCK_SKEW: Final = "BUSY_GUARD_CLOCK_SKEW_SECONDS"

@@ -14,6 +14,7 @@ from tests.bench import _support
 BENCHMARKS = {
     "latency": "release latency: last lease ended / writer crashed -> CompleteLifecycleAction",
     "calls": "AWS calls per decision and per schedule tick",
+    "heartbeats": "heartbeat calls per tick for 1, 100 and 1,000 held instances, before and after",
     "throughput": "one tick with 1,000 instances waiting at once",
     "cold_start": "import time of the guard's handler against boto3's",
     "writer": "writer begin/end cost, and begin against a dead table",

@@ -63,6 +63,7 @@ class FakeAws:
                 self.items[item[schema.INSTANCE_ID]["S"]] = item
         self._describe = self._describe_xml().encode()
         self.completed = 0
+        self.heartbeats = 0
 
     # --- wiring -------------------------------------------------------------------------------------
     def guard(self, clock: Any, concurrency: int) -> Guard:
@@ -107,6 +108,22 @@ class FakeAws:
     def _autoscaling(self, operation: str, request: Any) -> AWSResponse:
         if operation == "DescribeAutoScalingGroups":
             return _response(200, self._describe, "text/xml")
+        if operation == "DescribeLifecycleHooks":
+            xml = (
+                f'<DescribeLifecycleHooksResponse xmlns="{_NS}">'
+                "<DescribeLifecycleHooksResult><LifecycleHooks>"
+                f"<member><LifecycleHookName>{HOOK}</LifecycleHookName>"
+                f"<AutoScalingGroupName>{escape(self.group)}</AutoScalingGroupName>"
+                "<LifecycleTransition>autoscaling:EC2_INSTANCE_TERMINATING</LifecycleTransition>"
+                "<HeartbeatTimeout>900</HeartbeatTimeout><GlobalTimeout>90000</GlobalTimeout>"
+                "<DefaultResult>CONTINUE</DefaultResult></member></LifecycleHooks></DescribeLifecycleHooksResult>"
+                f"<ResponseMetadata><RequestId>{uuid.uuid4()}</RequestId></ResponseMetadata>"
+                "</DescribeLifecycleHooksResponse>"
+            )
+            return _response(200, xml.encode(), "text/xml")
+        if operation == "RecordLifecycleActionHeartbeat":
+            with self._lock:
+                self.heartbeats += 1
         if operation in ("RecordLifecycleActionHeartbeat", "CompleteLifecycleAction"):
             if operation == "CompleteLifecycleAction":
                 with self._lock:
@@ -137,7 +154,7 @@ class FakeAws:
         raise AssertionError(f"the fake does not answer {operation}")
 
     def _update(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        """The guard's three updates, told apart by their expressions (schema.py)."""
+        """The guard's updates on this path, told apart by their expressions (schema.py)."""
         instance_id = body["Key"][schema.INSTANCE_ID]["S"]
         old = self.items.get(instance_id)
         item = dict(old) if old else {schema.INSTANCE_ID: schema.string(instance_id)}
@@ -148,6 +165,12 @@ class FakeAws:
             item.pop(schema.TTL, None)
             self.items[instance_id] = item
             return 200, {"Attributes": item}
+        if "#draining.#hb" in expression:  # record_heartbeat: on the draining mark
+            draining = dict(item[schema.DRAINING]["M"])
+            draining[schema.HEARTBEAT_AT] = values[":at"]
+            item[schema.DRAINING] = {"M": draining}
+            self.items[instance_id] = item
+            return 200, {}
         busy = bool(item.get(schema.LEASES, {}).get("M"))
         if "size(#leases)" in body.get("ConditionExpression", "") and busy:  # release_if_idle refused
             return 400, {

@@ -61,8 +61,13 @@ TABLE_ACTIONS = ("dynamodb:BatchGetItem", "dynamodb:UpdateItem", "dynamodb:Scan"
 the others in batches (BatchGetItem). No GetItem (the guard never reads one item alone: guard/table.py's
 ``get`` is the CLI's), no PutItem, no DeleteItem: TTL deletes."""
 LIFECYCLE_ACTIONS = ("autoscaling:CompleteLifecycleAction", "autoscaling:RecordLifecycleActionHeartbeat")
-DESCRIBE_ACTIONS = ("autoscaling:DescribeAutoScalingGroups",)
-"""The tick lists the groups' instances; DescribeAutoScalingInstances is only the CLI's."""
+DESCRIBE_ACTIONS = (
+    "autoscaling:DescribeAutoScalingGroups",
+    "autoscaling:DescribeLifecycleHooks",
+    "autoscaling:DescribeWarmPool",
+)
+"""The tick lists the groups' instances and their warm pools, and reads our hook's real timeout;
+DescribeAutoScalingInstances is only the CLI's."""
 
 FUNCTION_TIMEOUT = Duration.seconds(50)
 """Under the one-minute schedule, so ticks never pile up; a tick is a scan, a few describes and a few

@@ -36,6 +36,9 @@ class GuardConfig(BaseModel):
         ge=S.HEARTBEAT_TIMEOUT_RANGE[0],
         le=S.HEARTBEAT_TIMEOUT_RANGE[1],
     )
+    hook_default_result: Literal["CONTINUE", "ABANDON"] = Field(
+        S.DEFAULT_HOOK_RESULT, alias=Env.HOOK_DEFAULT_RESULT
+    )
     max_wait: float = Field(S.DEFAULT_MAX_WAIT, alias=Env.MAX_WAIT, ge=S.MAX_WAIT_MIN)
     max_wait_result: Literal["CONTINUE", "ABANDON"] = Field("CONTINUE", alias=Env.MAX_WAIT_RESULT)
     clock_skew: float = Field(

@@ -15,10 +15,11 @@ from aws_lambda_powertools.metrics import MetricUnit, single_metric
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.config import Config
 
-from busy_guard import schema
+from busy_guard import schema, settings
 from busy_guard.decision import Action, Decision, Reason, StateUnavailable, decide
 from busy_guard.guard.autoscaling import LifecycleHooks
 from busy_guard.guard.config import GuardConfig
+from busy_guard.guard.deadline import NO_DEADLINE, Deadline
 from busy_guard.guard.models import (
     Ignored,
     Malformed,
@@ -30,13 +31,18 @@ from busy_guard.guard.models import (
 )
 from busy_guard.guard.notify import GuardEvents
 from busy_guard.guard.observability import NAMESPACE, SERVICE, MetricName, logger, metrics, tracer
-from busy_guard.guard.reconcile import Guard, Outcome, Step, Target, Trigger
+from busy_guard.guard.planner import End, Request
+from busy_guard.guard.reconcile import Guard, Outcome, TickReport
 from busy_guard.guard.table import BusyTable, TableUnavailableError
 from busy_guard.settings import INSTANCE_ID_PATTERN
 
-# Short connect/read timeouts: a hung endpoint must cost a retry, not the whole invocation.
+# The one retry layer: botocore's standard mode (retries throttling and 5xx with backoff). Short
+# connect/read timeouts: a hung endpoint must cost a retry, not the whole invocation; together they
+# bound one call (settings.aws_call_budget_seconds), which the deadline checks before each call.
 _AWS_CONFIG = Config(
-    connect_timeout=3, read_timeout=10, retries={"mode": "standard", "total_max_attempts": 3}
+    connect_timeout=settings.AWS_CONNECT_TIMEOUT_SECONDS,
+    read_timeout=settings.AWS_READ_TIMEOUT_SECONDS,
+    retries={"mode": "standard", "total_max_attempts": settings.AWS_MAX_ATTEMPTS},
 )
 
 
@@ -94,29 +100,33 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     if _events is None:
         use_events(GuardEvents(boto3.client("events", config=_AWS_CONFIG)))
     assert _guard is not None
-    return route(event, _guard, _events)
+    deadline = Deadline.of_invocation(context.get_remaining_time_in_millis())
+    return route(event, _guard, deadline=deadline, events=_events)
 
 
-def route(event: Any, guard: Guard, events: GuardEvents | None = None) -> dict[str, Any]:
+def route(
+    event: Any, guard: Guard, *, deadline: Deadline = NO_DEADLINE, events: GuardEvents | None = None
+) -> dict[str, Any]:
     """One invocation. ``events`` puts the held/released events (none without it)."""
     invocation = classify(event)
     if guard.config.observe_only and isinstance(invocation, Termination | Tick | StreamBatch):
         return _observe(invocation, guard)
     match invocation:
         case Termination():
-            return _on_termination(invocation, guard, events)
+            return _on_termination(invocation, guard, deadline, events)
         case Tick():
-            report = guard.tick()
+            report = guard.tick(deadline)
             _record(report.outcomes)
             # A gauge, 0 included, so the dashboard shows "nobody held" rather than a gap.
-            held = sum(1 for outcome in report.outcomes if outcome.step in (Step.HEARTBEAT, Step.WAITING))
+            held = sum(1 for outcome in report.outcomes if outcome.end in (End.HEARTBEAT, End.WAITING))
             metrics.add_metric(name=MetricName.INSTANCES_WAITING, unit=MetricUnit.Count, value=held)
+            _record_tick(report)
             _publish(events, report.outcomes)
             if report.errors:
                 raise ReconcileError(f"{len(report.errors)} problem(s) in the tick: {report.errors[0]}")
             return _summary(report.outcomes)
         case StreamBatch():
-            return _on_stream(invocation.records, guard, events)
+            return _on_stream(invocation.records, guard, deadline, events)
         case Ignored():
             logger.info(f"ignored: {invocation.reason}")
             metrics.add_metric(name=MetricName.IGNORED_EVENTS, unit=MetricUnit.Count, value=1)
@@ -142,24 +152,31 @@ def _not_ours(invocation: Termination, guard: Guard) -> dict[str, Any] | None:
     return {"ignored": reason}
 
 
-def _on_termination(invocation: Termination, guard: Guard, events: GuardEvents | None) -> dict[str, Any]:
+def _on_termination(
+    invocation: Termination, guard: Guard, deadline: Deadline, events: GuardEvents | None
+) -> dict[str, Any]:
     ignored = _not_ours(invocation, guard)
     if ignored is not None:
         return ignored
     detail = invocation.detail
-    target = Target(
+    # The event's time is when Terminating:Wait started: the start of max_wait and of the hook's timer.
+    started = invocation.event.time.timestamp()
+    request = Request(
         instance_id=detail.EC2InstanceId,
         asg=detail.AutoScalingGroupName,
-        trigger=Trigger.EVENT,
-        not_before=invocation.event.time.timestamp(),
+        source="event",
+        wait_started=started,
+        not_before=started,
     )
-    outcome = guard.reconcile(target)
+    outcome = guard.reconcile(request, deadline)
     _record([outcome])
     _publish(events, [outcome])
     return _summary([outcome])
 
 
-def _on_stream(records: list[Any], guard: Guard, events: GuardEvents | None) -> dict[str, Any]:
+def _on_stream(
+    records: list[Any], guard: Guard, deadline: Deadline, events: GuardEvents | None
+) -> dict[str, Any]:
     """Reconcile every draining item in the batch; report only the records that failed, so the
     event source retries (and bisects) those and no valid record is lost."""
     failures: list[dict[str, str]] = []
@@ -186,9 +203,13 @@ def _on_stream(records: list[Any], guard: Guard, events: GuardEvents | None) -> 
             hook = state.draining.hook[:MAX_SHOWN]
             logger.info(f"stream record {shown}: draining for another hook ({hook!r})")
             continue
-        target = Target(state.instance_id, state.draining.asg, Trigger.STREAM, known=state)
+        # The image only says where to look: the release's condition proves it on the item.
+        request = Request(state.instance_id, state.draining.asg, "stream", seen=state)
         try:
-            outcomes.append(guard.reconcile(target))
+            outcome = guard.reconcile(request, deadline)
+            outcomes.append(outcome)
+            if outcome.end is End.DEFERRED:
+                failures.append({"itemIdentifier": record_id})
         except Exception:
             logger.exception(f"stream record {shown}: reconcile failed; the batch will retry it")
             failures.append({"itemIdentifier": record_id})
@@ -214,9 +235,9 @@ def _record(outcomes: Iterable[Outcome]) -> None:
             )
         if decision is not None and decision.reason is Reason.STATE_UNAVAILABLE:
             metrics.add_metric(name=MetricName.STATE_READ_ERRORS, unit=MetricUnit.Count, value=1)
-        if outcome.step is Step.HEARTBEAT:
+        if outcome.end is End.HEARTBEAT:
             metrics.add_metric(name=MetricName.HEARTBEATS, unit=MetricUnit.Count, value=1)
-        if outcome.step is Step.COMPLETED and decision is not None:
+        if outcome.end is End.COMPLETED and decision is not None:
             if decision.reason is Reason.MAX_WAIT_EXCEEDED:
                 metrics.add_metric(name=MetricName.MAX_WAIT_EXCEEDED, unit=MetricUnit.Count, value=1)
             if outcome.waited is not None:
@@ -302,12 +323,31 @@ def _observed(instance_id: str, asg: str, decision: Decision, completed: str) ->
     _count_by(MetricName.OBSERVED, "would", f"{decision.action}_{decision.reason}")
 
 
+def _record_tick(report: TickReport) -> None:
+    if report.capped:
+        metrics.add_metric(name=MetricName.TICK_WORK_CAPPED, unit=MetricUnit.Count, value=report.capped)
+    if report.rejected:
+        metrics.add_metric(name=MetricName.REJECTED_ITEMS, unit=MetricUnit.Count, value=report.rejected)
+    deferred = sum(1 for outcome in report.outcomes if outcome.end is End.DEFERRED)
+    if deferred:
+        metrics.add_metric(name=MetricName.DEFERRED, unit=MetricUnit.Count, value=deferred)
+    for mismatch in report.mismatches:
+        facts = mismatch.facts
+        found = (
+            f"HeartbeatTimeout={facts.heartbeat_timeout}, DefaultResult={facts.default_result}"
+            if facts is not None
+            else "no such hook"
+        )
+        logger.warning(f"hook of {mismatch.asg} differs from the configuration: {found}", asg=mismatch.asg)
+        metrics.add_metric(name=MetricName.HOOK_MISMATCH, unit=MetricUnit.Count, value=1)
+
+
 def _summary(outcomes: list[Outcome]) -> dict[str, Any]:
     return {
         "outcomes": [
             {
-                "instance_id": outcome.target.instance_id,
-                "step": str(outcome.step),
+                "instance_id": outcome.request.instance_id,
+                "step": str(outcome.end),
                 "reason": str(outcome.decision.reason) if outcome.decision else None,
             }
             for outcome in outcomes

@@ -18,14 +18,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from busy_guard.decision import Action
 from busy_guard.guard.observability import MetricName, logger, metrics
-from busy_guard.guard.reconcile import Outcome, Step
+from busy_guard.guard.planner import End
+from busy_guard.guard.reconcile import Outcome
 from busy_guard.settings import EVENT_BUS, EVENT_HELD, EVENT_RELEASED, EVENT_SOURCE
 
 PUT_EVENTS_BATCH = 10  # PutEvents takes at most 10 entries a call
-# A hold "starts" in the invocation that set the draining mark: the guard marks with the same clock
-# reading it then waits on, so a fresh hold has waited 0 s, and its trigger's copy of the item (if
-# any) was not draining yet. A duplicate lifecycle event within this second may repeat the event.
-FRESH_HOLD_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -66,26 +63,24 @@ def notices(outcomes: Iterable[Outcome]) -> list[Notice]:
         decision = outcome.decision
         if decision is None:
             continue
-        waiting = outcome.step in (Step.WAITING, Step.HEARTBEAT) and decision.action is Action.WAIT
-        known = outcome.target.known
-        already_held = known is not None and known.draining is not None  # a tick's scan, a stream image
-        fresh = not already_held and outcome.waited is not None and outcome.waited < FRESH_HOLD_SECONDS
-        if waiting and fresh:
+        # A hold starts in the reconcile that set the draining mark (two triggers racing on one new
+        # termination may both see themselves set it: then the event is put twice).
+        if outcome.marked and decision.action is Action.WAIT:
             kind = EVENT_HELD
-        elif outcome.step is Step.COMPLETED:
+        elif outcome.end is End.COMPLETED:
             kind = EVENT_RELEASED
         else:
             continue
-        target = outcome.target
+        request = outcome.request
         found.append(
             Notice(
                 detail_type=kind,
-                instance_id=target.instance_id,
-                group=target.asg,
+                instance_id=request.instance_id,
+                group=request.asg,
                 reason=str(decision.reason),
                 action=str(decision.action),
                 waited_seconds=outcome.waited,
-                trigger=str(target.trigger),
+                trigger=request.source,
                 lease_kinds=decision.lease_kinds,
             )
         )

@@ -25,3 +25,7 @@ class MetricName:
     MALFORMED_EVENTS = "MalformedEvents"
     OBSERVED = "ObserveOnlyDecisions"  # observe-only: completed at once; dimension "would"
     EVENTS_FAILED = "EventsNotPut"
+    TICK_WORK_CAPPED = "TickWorkCapped"
+    REJECTED_ITEMS = "RejectedItems"
+    DEFERRED = "DeferredReconciles"
+    HOOK_MISMATCH = "HookConfigMismatch"

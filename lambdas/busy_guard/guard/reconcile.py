@@ -1,16 +1,9 @@
-"""``reconcile(target)``: the one code path every trigger takes, and the schedule tick around it.
+"""``Guard``: the executor of the planner's steps, for one instance and for the schedule tick.
 
 Level-triggered: everything needed is read from the table and from Auto Scaling on every pass, so
-a lost event, a crashed invocation or a throttled call is repaired by the next trigger. Each
-release is a conditional write that also claims the wait, so of two concurrent triggers only one
-completes the hook.
-
-Calls per decision on the common paths (a first look is one conditional ``UpdateItem``):
-    idle, first look       release-if-idle  + CompleteLifecycleAction          = 2
-    busy, first look       release-if-idle (fails) + mark draining            = 2
-    busy, later tick       RecordLifecycleActionHeartbeat (state from the scan) = 1
-    last lease ended       release (state from the stream image) + Complete     = 2
-    busy, event lost       mark draining (batch read: busy) + heartbeat         = 2
+a lost event, a crashed invocation or a throttled call is repaired by the next trigger. What to do
+is the planner's (``guard/planner.py``, pure); this module only runs each step through an adapter
+and hands the answer back.
 """
 
 from __future__ import annotations
@@ -20,84 +13,46 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from busy_guard.decision import Action, Decision, Reason, StateUnavailable, decide
-from busy_guard.guard.autoscaling import (
-    IN_SERVICE,
-    AutoScalingUnavailableError,
-    GroupInstance,
-    HookResult,
-    LifecycleHooks,
-)
+from busy_guard import settings
+from busy_guard.decision import Decision
+from busy_guard.guard import planner
+from busy_guard.guard.autoscaling import AutoScalingUnavailableError, GroupInstance, HookFacts, LifecycleHooks
 from busy_guard.guard.config import GuardConfig
+from busy_guard.guard.deadline import NO_DEADLINE, Deadline, DeadlineExceededError
 from busy_guard.guard.observability import logger
+from busy_guard.guard.planner import End, Request
 from busy_guard.guard.table import BusyTable, TableUnavailableError
-from busy_guard.schema import BusyState, Draining, Released
-
-GONE = "gone"
-MAX_CLAIM_ROUNDS = 3
-# A release this young is still being completed by the invocation that recorded it.
-RETRY_AFTER = 30.0
-
-
-class Trigger(StrEnum):
-    EVENT = "event"
-    STREAM = "stream"
-    SCHEDULE = "schedule"
-
-
-class Step(StrEnum):
-    """What a reconcile did, for logs, metrics and tests."""
-
-    COMPLETED = "completed"  # we completed the lifecycle action
-    ALREADY_DONE = "already_done"  # released or completed before us: nothing to do
-    HEARTBEAT = "heartbeat"  # still waiting; the hook's timeout was restarted
-    WAITING = "waiting"  # still waiting; the hook's timer just started, no heartbeat needed
-    RELEASED_GONE = "released_gone"  # the instance is no longer waiting on our hook
-    SKIPPED = "skipped"  # waiting on another hook after we finished
-
-
-@dataclass(frozen=True)
-class Target:
-    instance_id: str
-    asg: str
-    trigger: Trigger
-    # A release at or after this time already finished this termination (the event's time).
-    not_before: float = 0.0
-    # State already read with ``draining`` set (the tick's scan, a stream image); saves a call.
-    known: BusyState | None = None
+from busy_guard.schema import BusyState
 
 
 @dataclass(frozen=True)
 class Outcome:
-    target: Target
-    step: Step
+    request: Request
+    end: End
     decision: Decision | None = None
     waited: float | None = None
     detail: str = ""
     problems: tuple[str, ...] = ()
+    # This reconcile set the draining mark: the hold started here (the "held" event's cue).
+    marked: bool = False
 
 
 @dataclass(frozen=True)
-class RetryCompletion:
-    """Released but still waiting: an invocation may have died, or CompleteLifecycleAction failed,
-    between recording the release and completing the hook. Completing again is safe: AWS answers
-    "no active action" when it is done (or when the wait is another hook's), and then the release
-    is confirmed on the item so later ticks leave the instance alone."""
-
-    target: Target
-
-
-Work = Target | RetryCompletion
+class HookMismatch:
+    asg: str
+    facts: HookFacts | None  # None: the group has no such hook
 
 
 @dataclass
 class TickReport:
     outcomes: list[Outcome] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    capped: int = 0
+    rejected: int = 0
+    mismatches: list[HookMismatch] = field(default_factory=list)
 
 
 class Guard:
@@ -129,13 +84,13 @@ class Guard:
         return self._table
 
     # --- one instance -----------------------------------------------------------------------------
-    def reconcile(self, target: Target) -> Outcome:
-        with _log_keys(target):
-            outcome = self._reconcile(target)
+    def reconcile(self, request: Request, deadline: Deadline = NO_DEADLINE) -> Outcome:
+        with _log_keys(request):
+            outcome = self._execute(request, deadline)
             decision = outcome.decision
             logger.info(
-                f"{target.instance_id}: {outcome.step}",
-                step=str(outcome.step),
+                f"{request.instance_id}: {outcome.end}",
+                step=str(outcome.end),
                 action=str(decision.action) if decision else None,
                 reason=str(decision.reason) if decision else None,
                 detail=outcome.detail or (decision.detail if decision else ""),
@@ -145,273 +100,158 @@ class Guard:
                 logger.warning(f"unreadable part of the item: {problem}")
             return outcome
 
-    def _reconcile(self, target: Target) -> Outcome:
-        now = self._clock()
-        state = target.known if target.known is not None and target.known.is_draining else None
-        if state is None and self._known_busy(target, now):
-            # The tick's consistent batch read shows live work, so release-if-idle would only be
-            # refused: take the look at once. Its ALL_NEW state is what gets decided on, so work
-            # that ended since the read is still released now.
-            try:
-                state = self._table.mark_draining(
-                    target.instance_id, Draining(since=now, asg=target.asg, hook=self._hooks.hook_name)
-                )
-            except TableUnavailableError as error:
-                return self._unavailable(target, now, str(error), target.not_before or None)
-        if state is None:
-            try:
-                released, state = self._table.release_if_idle(
-                    target.instance_id,
-                    self._released(now, Reason.IDLE),
-                    ttl=now + self._config.released_ttl,
-                    not_before=target.not_before,
-                )
-                if released:
-                    since = state.draining.since if state.draining is not None else now
-                    return self._complete(target, Decision(Action.CONTINUE, Reason.IDLE), since, now, state)
-                if (
-                    state.is_released
-                    and state.released is not None
-                    and state.released.at >= target.not_before
-                ):
-                    # The reason is read from the item: bounded, like everything logged from it.
-                    detail = f"released at {state.released.at:.0f} ({state.released.reason[:64]})"
-                    return Outcome(target, Step.ALREADY_DONE, detail=detail)
-                if state.draining is None:
-                    state = self._table.mark_draining(
-                        target.instance_id, Draining(since=now, asg=target.asg, hook=self._hooks.hook_name)
-                    )
-            except TableUnavailableError as error:
-                return self._unavailable(target, now, str(error), target.not_before or None)
-        return self._act(target, state, now)
+    def _execute(self, request: Request, deadline: Deadline) -> Outcome:
+        policy = self._policy()
+        progress = planner.first_step(request, policy)
+        marked = False
+        while not isinstance(progress.step, planner.Done):
+            if not deadline.allows_call():
+                return Outcome(request, End.DEFERRED, detail="no time left in this invocation", marked=marked)
+            marked = marked or isinstance(progress.step, planner.MarkDraining)
+            progress = planner.next_step(progress, self._run(request, progress.step), policy)
+        done = progress.step
+        return Outcome(request, done.end, done.decision, done.waited, done.detail, done.problems, marked)
 
-    def _known_busy(self, target: Target, now: float) -> bool:
-        known = target.known
-        if known is None or known.draining is not None or known.released is not None:
-            return False
-        return decide(known, self._config.decision, now).reason is Reason.BUSY
-
-    def _act(self, target: Target, state: BusyState, now: float) -> Outcome:
-        for _round in range(MAX_CLAIM_ROUNDS):
-            assert state.draining is not None
-            since = state.draining.since
-            decision = decide(state, self._config.decision, now)
-            if decision.action is Action.WAIT:
-                return self._wait(target, decision, state, now)
-            try:
-                claimed, current = self._table.release(
-                    target.instance_id,
-                    self._released(now, decision.reason),
-                    ttl=now + self._config.released_ttl,
-                    draining_since=since if since > 0 else None,
-                    # max_wait ends the wait whatever writers do; any other release needs the
-                    # state it was decided on to be the item's state still.
-                    unchanged=None if decision.reason is Reason.MAX_WAIT_EXCEEDED else state,
-                )
-            except TableUnavailableError as error:
-                if decision.reason is Reason.MAX_WAIT_EXCEEDED:
-                    # The wait is over whatever the table says; recording it can wait.
-                    return self._complete(target, decision, since, now, state)
-                return self._unavailable(target, now, str(error), since)
-            if claimed:
-                return self._complete(target, decision, since, now, state)
-            if current.draining is None or current.draining.since != since:
-                return Outcome(target, Step.ALREADY_DONE, decision, detail="released by another trigger")
-            state = current  # a writer touched the item after our read: decide on the fresh state
-        return self._wait(target, decide(state, self._config.decision, now), state, now)
-
-    def _wait(self, target: Target, decision: Decision, state: BusyState, now: float) -> Outcome:
-        since = state.draining.since if state.draining is not None else None
-        waited = now - since if since else None
-        if target.trigger is Trigger.EVENT and decision.reason is Reason.BUSY:
-            # The hook's HeartbeatTimeout started with this very event; the schedule heartbeats it.
-            return Outcome(target, Step.WAITING, decision, waited, problems=state.problems)
-        if self._hooks.heartbeat(target.asg, target.instance_id) is HookResult.NOT_ACTIVE:
-            return self._release_gone(target, state, now, "no lifecycle action of ours is pending")
-        return Outcome(target, Step.HEARTBEAT, decision, waited, problems=state.problems)
-
-    def _complete(
-        self, target: Target, decision: Decision, since: float, now: float, state: BusyState
-    ) -> Outcome:
-        result = Action.ABANDON if decision.action is Action.ABANDON else Action.CONTINUE
-        answer = self._hooks.complete(target.asg, target.instance_id, result.value)
-        step = Step.COMPLETED if answer is HookResult.DONE else Step.ALREADY_DONE
-        detail = "" if step is Step.COMPLETED else "no lifecycle action of ours was pending"
-        return Outcome(target, step, decision, now - since, detail=detail, problems=state.problems)
-
-    def _unavailable(self, target: Target, now: float, error: str, since: float | None) -> Outcome:
-        decision = decide(StateUnavailable(target.instance_id, since, error), self._config.decision, now)
-        logger.warning(f"busy table unavailable: {error}")
-        if decision.completes:
-            return self._complete(target, decision, since or now, now, BusyState(target.instance_id))
-        # Never CONTINUE on an unreadable table: hold the instance and look again next tick.
-        self._hooks.heartbeat(target.asg, target.instance_id)
-        return Outcome(target, Step.HEARTBEAT, decision, now - since if since else None, detail=error)
-
-    def _release_gone(self, target: Target, state: BusyState, now: float, why: str) -> Outcome:
-        since = state.draining.since if state.draining is not None else None
+    def _run(self, request: Request, step: planner.Step) -> planner.Answer:
+        """One step through its adapter. A table failure is an answer; an Auto Scaling failure
+        (after the client's retries) raises, and the next trigger tries again."""
         try:
-            self._table.release(
-                target.instance_id,
-                self._released(now, GONE),
-                ttl=now + self._config.released_ttl,
-                draining_since=since if since else None,
-            )
+            return self._table_step(request, step)
         except TableUnavailableError as error:
-            logger.warning(f"could not record the release of a gone instance: {error}")
-        return Outcome(target, Step.RELEASED_GONE, detail=why)
+            logger.warning(f"busy table unavailable: {error}")
+            return planner.Unavailable(str(error))
 
-    def _released(self, now: float, reason: str) -> Released:
-        return Released(at=now, reason=str(reason), by=self._actor)
+    def _table_step(self, request: Request, step: planner.Step) -> planner.Answer:
+        table, instance_id, now = self._table, request.instance_id, self._clock()
+        match step:
+            case planner.Heartbeat():
+                return self._hooks.heartbeat(request.asg, instance_id)
+            case planner.Complete(result=result):
+                return self._hooks.complete(request.asg, instance_id, result.value)
+            case planner.ReleaseIfIdle(released=released, ttl=ttl, not_before=not_before):
+                return planner.Written(
+                    *table.release_if_idle(instance_id, released, ttl=ttl, not_before=not_before)
+                )
+            case planner.MarkDraining(draining=draining):
+                return table.mark_draining(instance_id, draining)
+            case planner.Claim(released=released, ttl=ttl, draining_since=since, proof=proof):
+                return planner.Written(
+                    *table.release(instance_id, released, ttl=ttl, draining_since=since, proof=proof)
+                )
+            case planner.RecordGone(released=released, ttl=ttl, draining_since=since):
+                return planner.Written(*table.release(instance_id, released, ttl=ttl, draining_since=since))
+            case planner.RecordHeartbeat(draining_since=since, at=at):
+                return table.record_heartbeat(instance_id, draining_since=since, at=at)
+            case planner.Recheck(released_at=released_at, proof=proof):
+                return planner.Written(*table.recheck_release(instance_id, released_at, now=now, proof=proof))
+            case planner.Confirm(released_at=released_at):
+                return table.confirm_release(instance_id, released_at, now=now)
+        raise AssertionError(f"no adapter for {step!r}")
+
+    def _policy(self, heartbeat_timeout: float | None = None) -> planner.Policy:
+        timeout = (
+            heartbeat_timeout if heartbeat_timeout is not None else self._heartbeat_timeout(cached_only=True)
+        )
+        return planner.Policy(
+            decision=self._config.decision,
+            hook_name=self._hooks.hook_name,
+            heartbeat_every=settings.heartbeat_every_seconds(timeout, self._config.reconcile_interval),
+            released_ttl=self._config.released_ttl,
+            actor=self._actor,
+            now=self._clock(),
+        )
+
+    def _heartbeat_timeout(self, *, cached_only: bool) -> float:
+        """The shortest of the configured and the real hooks' HeartbeatTimeout: heartbeats are due
+        by the hook AWS actually has, wherever it differs from the stack's configuration."""
+        real = [self._hooks.hook_facts(asg, cached_only=cached_only) for asg in self._config.asg_names]
+        return float(min([self._config.heartbeat_timeout, *(f.heartbeat_timeout for f in real if f)]))
 
     # --- the schedule tick ------------------------------------------------------------------------
-    def tick(self) -> TickReport:
+    def tick(self, deadline: Deadline = NO_DEADLINE) -> TickReport:
         """Look at every instance waiting on our hook and every item we are waiting on."""
         now = self._clock()
         report = TickReport()
-        instances: dict[str, GroupInstance] | None = None
-        waiting: dict[str, GroupInstance] | None = None
-        marked: dict[str, BusyState] = {}
-        draining: dict[str, BusyState] | None = None
+        report.mismatches = self._check_hooks(report.errors)
+        listing: dict[str, GroupInstance] = {}
+        items: dict[str, BusyState] | None = None
+        others: dict[str, BusyState] = {}
         try:
-            instances = self._hooks.group_instances(self._config.asg_names)
-            waiting = {i: w for i, w in instances.items() if w.waiting}
-        except (AutoScalingUnavailableError, ClientError, BotoCoreError) as error:
+            listing = self._hooks.group_instances(self._config.asg_names, deadline)
+        except (AutoScalingUnavailableError, DeadlineExceededError, ClientError, BotoCoreError) as error:
             report.errors.append(f"listing waiting instances failed: {error}")
+        tick_policy = planner.TickPolicy(
+            asg_names=self._config.asg_names,
+            hook_name=self._hooks.hook_name,
+            heartbeat_timeout=self._heartbeat_timeout(cached_only=True),
+            max_work=settings.MAX_TICK_WORK,
+        )
         try:
-            marked = self._table.marked_items()
-            draining = {
-                instance_id: state
-                for instance_id, state in marked.items()
-                # Only our groups: another guard may share the table, and only it may let go.
-                if state.draining is not None
-                and state.draining.asg in self._config.asg_names
-                and state.draining.hook in ("", self._hooks.hook_name)
-            }
-        except TableUnavailableError as error:
+            items = self._table.marked_items(deadline)
+        except (TableUnavailableError, DeadlineExceededError) as error:
             report.errors.append(str(error))
         for message in report.errors:
             logger.error(message)
+        try:
+            others = self._table.get_many(planner.plan_reads(listing, items, tick_policy), deadline)
+        except (TableUnavailableError, DeadlineExceededError) as error:
+            # Only a shortcut: without it each unknown instance is looked at with its own write.
+            logger.error(str(error))
 
-        self._clear_releases_of_instances_in_service(now, instances or {}, marked)
-        # Auto Scaling not listed: nothing to adopt, but every item we hold is still heartbeated.
-        targets, finished = self._plan(now, waiting or {}, draining)
-        report.outcomes.extend(finished)
-        report.outcomes.extend(self._run_all(targets, report))
+        plan = planner.plan_tick(listing, items, others, tick_policy, now)
+        report.capped, report.rejected = plan.capped, plan.rejected
+        if plan.capped:
+            logger.warning(
+                f"tick capped at {tick_policy.max_work} instances; {plan.capped} left for the next"
+            )
+        self._clear_releases(plan.clear)
+        report.outcomes.extend(Outcome(s.request, End.SKIPPED, detail=s.detail) for s in plan.skipped)
+        report.outcomes.extend(self._run_all(plan.work, report, deadline))
         return report
 
-    def _clear_releases_of_instances_in_service(
-        self, listed_at: float, instances: dict[str, GroupInstance], marked: dict[str, BusyState]
-    ) -> None:
-        """An instance InService in our listing is not terminating: a release mark older than the
-        listing is a finished termination (a warm-pool instance back without a reboot) or a late
-        event's, and must not keep its writers refusing work."""
-        for instance_id, state in marked.items():
-            instance = instances.get(instance_id)
-            released = state.released
-            if instance is None or instance.lifecycle_state != IN_SERVICE:
-                continue
-            if released is None or state.draining is not None or released.at >= listed_at:
-                continue
+    def _check_hooks(self, errors: list[str]) -> list[HookMismatch]:
+        """Read our hooks as AWS has them (once per container) and report where they differ from
+        the configuration: a hook edited outside the stack heartbeats by its real timeout."""
+        mismatches = []
+        for asg in self._config.asg_names:
             try:
-                if self._table.clear_release(instance_id, released.at):
+                facts = self._hooks.hook_facts(asg)
+            except AutoScalingUnavailableError as error:
+                errors.append(f"reading the hook of {asg} failed: {error}")
+                continue
+            configured = (self._config.heartbeat_timeout, self._config.hook_default_result)
+            if facts is None or (facts.heartbeat_timeout, facts.default_result) != configured:
+                mismatches.append(HookMismatch(asg, facts))
+        return mismatches
+
+    def _clear_releases(self, clear: list[tuple[str, float]]) -> None:
+        for instance_id, released_at in clear:
+            try:
+                if self._table.clear_release(instance_id, released_at):
                     logger.info(f"{instance_id}: back in service; its release mark is cleared")
             except TableUnavailableError as error:
                 logger.warning(f"{instance_id}: could not clear the release mark: {error}")
 
-    def _plan(
-        self, now: float, waiting: dict[str, GroupInstance], draining: dict[str, BusyState] | None
-    ) -> tuple[list[Work], list[Outcome]]:
-        work: list[Work] = []
-        finished: list[Outcome] = []
-        known = draining or {}
-        # Maybe a launch hook's wait (a new warm-pool instance): only our event may claim those.
-        waiting = {i: w for i, w in waiting.items() if i in known or w.adoptable}
-        unknown = [instance_id for instance_id in waiting if instance_id not in known]
-        others: dict[str, BusyState] = {}
-        if unknown and draining is not None:
-            try:
-                others = self._table.get_many(unknown)
-            except TableUnavailableError as error:
-                logger.error(str(error))
-        # Past one HeartbeatTimeout without our heartbeat, AWS has applied the hook's DefaultResult.
-        retry_window = self._config.heartbeat_timeout
-        for instance_id, (asg, _state) in waiting.items():
-            seen = known.get(instance_id) or others.get(instance_id)
-            target = Target(instance_id, asg, Trigger.SCHEDULE, known=seen)
-            if seen is not None and seen.is_released and seen.released is not None:
-                released = seen.released
-                age = now - released.at
-                unfinished = released.reason != GONE and released.confirmed_at is None
-                if unfinished and RETRY_AFTER <= age < retry_window:
-                    work.append(RetryCompletion(target))
-                else:
-                    finished.append(Outcome(target, Step.SKIPPED, detail="waiting on another hook"))
-                continue
-            work.append(target)
-        for instance_id, state in known.items():
-            if instance_id in waiting:
-                continue
-            # Not in the listing: gone, or marked by an event after we listed. Looked at like any
-            # other: Auto Scaling's "no active action" on the heartbeat or the completion is the
-            # only proof that the wait is over, and then the mark is recorded as released.
-            assert state.draining is not None
-            work.append(Target(instance_id, state.draining.asg, Trigger.SCHEDULE, known=state))
-        return work, finished
-
-    def _run_one(self, item: Work) -> Outcome:
-        if isinstance(item, Target):
-            return self.reconcile(item)
-        target, now = item.target, self._clock()
-        state = target.known or BusyState(target.instance_id)
-        with _log_keys(target):
-            outcome = self._complete(target, _recorded_decision(state, self._config), now, now, state)
-            self._confirm(target, state, now)
-            logger.info(
-                f"{target.instance_id}: {outcome.step}", step=str(outcome.step), detail=outcome.detail
-            )
-            return outcome
-
-    def _confirm(self, target: Target, state: BusyState, now: float) -> None:
-        if state.released is None:
-            return
-        try:
-            self._table.confirm_release(target.instance_id, state.released.at, now=now)
-        except TableUnavailableError as error:
-            logger.warning(f"could not confirm the release; the next tick completes again: {error}")
-
-    def _run_all(self, work: list[Work], report: TickReport) -> list[Outcome]:
+    def _run_all(self, work: list[Request], report: TickReport, deadline: Deadline) -> list[Outcome]:
         if not work:
             return []
         outcomes: list[Outcome] = []
         workers = min(self._config.tick_concurrency, len(work))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile") as pool:
-            futures = [(item, pool.submit(self._run_one, item)) for item in work]
-            for item, future in futures:
+            futures = [(request, pool.submit(self.reconcile, request, deadline)) for request in work]
+            for request, future in futures:
                 try:
                     outcomes.append(future.result())
                 except Exception as error:  # one instance must never stop the others
-                    instance_id = item.instance_id if isinstance(item, Target) else item.target.instance_id
-                    message = f"{instance_id}: reconcile failed: {error}"
+                    message = f"{request.instance_id}: reconcile failed: {error}"
                     logger.exception(message)
                     report.errors.append(message)
         return outcomes
 
 
-def _recorded_decision(state: BusyState, config: GuardConfig) -> Decision:
-    """The decision a recorded release stands for, to repeat its completion."""
-    reason = Reason.IDLE
-    if state.released is not None and state.released.reason in {r.value for r in Reason}:
-        reason = Reason(state.released.reason)
-    action = config.decision.max_wait_result if reason is Reason.MAX_WAIT_EXCEEDED else Action.CONTINUE
-    return Decision(action, reason, "completing a recorded release again")
-
-
 @contextmanager
-def _log_keys(target: Target) -> Iterator[None]:
-    logger.thread_safe_append_keys(
-        instance_id=target.instance_id, asg=target.asg, trigger=str(target.trigger)
-    )
+def _log_keys(request: Request) -> Iterator[None]:
+    logger.thread_safe_append_keys(instance_id=request.instance_id, asg=request.asg, trigger=request.source)
     try:
         yield
     finally:

@@ -6,18 +6,32 @@ so the caller can turn it into a WAIT decision; a conditional failure is an answ
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import random
+import time
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from busy_guard import schema
-from busy_guard.schema import BusyState, Draining, Maintenance, Released
+from busy_guard import schema, settings
+from busy_guard.guard.deadline import NO_DEADLINE, Deadline
+from busy_guard.schema import BusyState, Draining, Maintenance, Proof, Released
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
 
-BATCH_GET_LIMIT = 100
+BATCH_GET_LIMIT = 100  # AWS: BatchGetItem takes at most 100 keys
+# What the tick's scan reads of an item: everything ``decide`` and the planner look at, nothing else,
+# so a table of junk attributes costs the tick no more than it must.
+SCANNED_ATTRIBUTES = (
+    schema.INSTANCE_ID,
+    schema.LEASES,
+    schema.COUNTER,
+    schema.LAST_OP_AT,
+    schema.DRAINING,
+    schema.RELEASED,
+    schema.LEGACY_LEASES,
+)
 
 
 class TableUnavailableError(RuntimeError):
@@ -25,9 +39,16 @@ class TableUnavailableError(RuntimeError):
 
 
 class BusyTable:
-    def __init__(self, client: DynamoDBClient, table_name: str) -> None:
+    def __init__(
+        self,
+        client: DynamoDBClient,
+        table_name: str,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.client = client
         self._table = table_name
+        self._sleep = sleep
 
     @property
     def name(self) -> str:
@@ -56,17 +77,26 @@ class BusyTable:
         *,
         ttl: float,
         draining_since: float | None,
-        unchanged: BusyState | None = None,
+        proof: Proof | None = None,
     ) -> tuple[bool, BusyState]:
         """Move ``draining`` to ``released``. (False, current state) when the condition failed:
-        another trigger released it first, or a writer changed the item since the decision."""
-        request = schema.release_update(
-            released,
-            ttl=ttl,
-            draining_since=draining_since,
-            unchanged=unchanged,
-        )
+        another trigger released it first, or the item does not prove what the decision claims."""
+        request = schema.release_update(released, ttl=ttl, draining_since=draining_since, proof=proof)
         return self._conditional(instance_id, request)
+
+    def record_heartbeat(self, instance_id: str, *, draining_since: float, at: float) -> bool:
+        """Note the guard's heartbeat on the draining mark; False when the wait moved on."""
+        request = schema.record_heartbeat_update(draining_since=draining_since, at=at)
+        done, _state = self._conditional(instance_id, request)
+        return done
+
+    def recheck_release(
+        self, instance_id: str, released_at: float, *, now: float, proof: Proof
+    ) -> tuple[bool, BusyState]:
+        """Prove a recorded release again before completing it again; (False, current) otherwise."""
+        return self._conditional(
+            instance_id, schema.recheck_release_update(released_at, now=now, proof=proof)
+        )
 
     def confirm_release(self, instance_id: str, released_at: float, *, now: float) -> bool:
         """Mark a recorded release as finished; False when the item moved on meanwhile."""
@@ -104,15 +134,20 @@ class BusyTable:
         """Every item the guard is waiting on, one Scan page per MB of table."""
         return {i: s for i, s in self.marked_items().items() if s.draining is not None}
 
-    def marked_items(self) -> dict[str, BusyState]:
-        """Every item marked draining or released, one Scan page per MB of table."""
+    def marked_items(self, deadline: Deadline = NO_DEADLINE) -> dict[str, BusyState]:
+        """Every item marked draining or released, one Scan page per MB of table, projected to the
+        attributes the guard reads."""
         states: dict[str, BusyState] = {}
+        names = {f"#a{n}": name for n, name in enumerate(SCANNED_ATTRIBUTES)}
+        names.update({"#draining": schema.DRAINING, "#released": schema.RELEASED})
         kwargs: dict[str, Any] = {
             "TableName": self._table,
             "FilterExpression": "attribute_exists(#draining) OR attribute_exists(#released)",
-            "ExpressionAttributeNames": {"#draining": schema.DRAINING, "#released": schema.RELEASED},
+            "ProjectionExpression": ", ".join(f"#a{n}" for n in range(len(SCANNED_ATTRIBUTES))),
+            "ExpressionAttributeNames": names,
         }
         while True:
+            deadline.check_call("Scan")
             page = self._call("Scan", lambda: self.client.scan(**kwargs))
             for item in page.get("Items", []):
                 state = _parse_or_none(item)
@@ -122,13 +157,19 @@ class BusyTable:
                 return states
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
-    def get_many(self, instance_ids: Iterable[str]) -> dict[str, BusyState]:
-        """Items of many instances, 100 per BatchGetItem; a missing item is an empty state."""
+    def get_many(self, instance_ids: Iterable[str], deadline: Deadline = NO_DEADLINE) -> dict[str, BusyState]:
+        """Items of many instances, 100 per BatchGetItem; a missing item is an empty state.
+
+        UnprocessedKeys (throttling, or 16 MB in one response) are asked for again after a
+        full-jitter exponential backoff, as AWS asks; botocore's own retries sit under each call."""
         wanted = list(dict.fromkeys(instance_ids))
         states = {instance_id: BusyState(instance_id=instance_id) for instance_id in wanted}
         for start in range(0, len(wanted), BATCH_GET_LIMIT):
             keys: list[Any] = [schema.key(i) for i in wanted[start : start + BATCH_GET_LIMIT]]
-            for _attempt in range(5):
+            for attempt in range(settings.BATCH_GET_ATTEMPTS):
+                if attempt:
+                    self._backoff(attempt, deadline)
+                deadline.check_call("BatchGetItem")
                 request: Any = {self._table: {"Keys": keys, "ConsistentRead": True}}
                 response = self._call(
                     "BatchGetItem", lambda r=request: self.client.batch_get_item(RequestItems=r)
@@ -141,8 +182,16 @@ class BusyTable:
                 if not keys:
                     break
             else:
-                raise TableUnavailableError(f"BatchGetItem left {len(keys)} keys unprocessed after 5 tries")
+                left, tries = len(keys), settings.BATCH_GET_ATTEMPTS
+                raise TableUnavailableError(f"BatchGetItem left {left} keys unprocessed after {tries} tries")
         return states
+
+    def _backoff(self, attempt: int, deadline: Deadline) -> None:
+        base, cap = settings.BATCH_GET_BACKOFF_SECONDS
+        delay = random.uniform(0, min(cap, base * 2 ** (attempt - 1)))  # noqa: S311 - jitter, not crypto
+        if not deadline.allows(delay + settings.aws_call_budget_seconds()):
+            raise TableUnavailableError("BatchGetItem: no time left to ask again for its unprocessed keys")
+        self._sleep(delay)
 
     def _conditional(self, instance_id: str, request: dict[str, Any]) -> tuple[bool, BusyState]:
         try:

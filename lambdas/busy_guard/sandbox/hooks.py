@@ -26,12 +26,15 @@ when the instance reuse policy returns it to the pool); the emulator lists it bo
 ``Instances`` and in ``DescribeWarmPool`` (which of the two AWS lists it in is not documented), then
 ``Warmed:Stopped`` (or the pool's state) in ``DescribeWarmPool`` / ``DescribeAutoScalingInstances``.
 
+``DeleteLifecycleHook`` completes the hook's pending actions with CONTINUE (AWS's documented rule for
+terminating hooks); ``DeleteAutoScalingGroup`` ends its instances' terminations.
+
 Not emulated: launching hooks (``Pending:Wait``); Auto Scaling choosing victims itself (scale-in,
 instance refresh: call :meth:`LifecycleHookEmulator.terminate`); ``DesiredCapacity`` dropping at the
-start of the wait rather than at its end; ``DeleteLifecycleHook`` / ``DeleteAutoScalingGroup`` ending
-pending actions; instance lifecycle policies (``TerminateHookAbandon: retain``); SNS/SQS notification
-targets and the ``autoscaling:TEST_NOTIFICATION``; IAM. Error wording AWS does not document is the
-emulator's own (see ``_find_locked``); "No active Lifecycle Action found with instance ID i-…" and
+start of the wait rather than at its end; instance lifecycle policies
+(``TerminateHookAbandon: retain``); SNS/SQS notification targets and the
+``autoscaling:TEST_NOTIFICATION``; IAM. Error wording AWS does not document is the emulator's own
+(see ``_find_locked``); "No active Lifecycle Action found with instance ID i-…" and
 "… with token …" are AWS's.
 
 Sandbox only: nothing outside ``busy_guard.sandbox`` imports this module, and it never imports moto.
@@ -255,8 +258,12 @@ class LifecycleHookEmulator:
         account_id: str | None = None,
         ec2: EC2Client | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        warm_returns_in_group: bool = True,
     ) -> None:
         self._asg = autoscaling
+        # Where a warm-pool return in Warmed:Pending:Wait is listed besides DescribeWarmPool: AWS
+        # does not document whether DescribeAutoScalingGroups shows it, so both are emulated.
+        self.warm_returns_in_group = warm_returns_in_group
         self._clock = clock
         self.region: str = region or autoscaling.meta.region_name
         self._account_id = account_id
@@ -587,7 +594,9 @@ class LifecycleHookEmulator:
         with self._lock:
             if operation == "DescribeAutoScalingGroups":
                 for group in parsed.get("AutoScalingGroups", []):
-                    group["Instances"] = self._overlay(group.get("Instances", []))
+                    group["Instances"] = self._overlay(
+                        group.get("Instances", []), hide_warm_returns=not self.warm_returns_in_group
+                    )
             elif operation == "DescribeAutoScalingInstances":
                 rows = self._overlay(parsed.get("AutoScalingInstances", []))
                 if not parsed.get("NextToken"):
@@ -614,6 +623,34 @@ class LifecycleHookEmulator:
             elif operation == "PutLifecycleHook" and "NotificationMetadata" in params:
                 key = (params.get("AutoScalingGroupName", ""), params.get("LifecycleHookName", ""))
                 self._metadata[key] = params["NotificationMetadata"]
+            elif operation == "DeleteLifecycleHook":
+                self._hook_deleted_locked(
+                    params.get("AutoScalingGroupName", ""), params.get("LifecycleHookName", "")
+                )
+            elif operation == "DeleteAutoScalingGroup":
+                self._group_deleted_locked(params.get("AutoScalingGroupName", ""))
+
+    def _hook_deleted_locked(self, group_name: str, hook_name: str) -> None:
+        """AWS: deleting a hook first completes its outstanding actions, CONTINUE for terminating."""
+        now = self._clock()
+        for termination in list(self._current.values()):
+            for wait in termination.active():
+                if termination.group_name == group_name and wait.hook_name == hook_name:
+                    self._end_locked(termination, wait, CONTINUE, by="deleted", at=now, detail="hook deleted")
+
+    def _group_deleted_locked(self, group_name: str) -> None:
+        """A (force-)deleted group's instances are gone, and no action of it is pending any more."""
+        now = self._clock()
+        for instance_id, termination in list(self._current.items()):
+            if termination.group_name != group_name:
+                continue
+            for wait in termination.active():
+                wait.result = CONTINUE
+                self._by_token.pop(wait.token, None)
+            termination.finished = True
+            del self._current[instance_id]
+            self._status[instance_id] = TERMINATED
+            self._note(now, instance_id, "terminated", f"group {group_name} deleted")
 
     # --- the state machine ----------------------------------------------------------------------
     def _find_locked(self, params: Mapping[str, str]) -> tuple[_Termination, _Wait]:
@@ -746,10 +783,14 @@ class LifecycleHookEmulator:
         self._note(at, instance_id, "terminated", f"left {termination.group_name}")
 
     # --- helpers --------------------------------------------------------------------------------
-    def _overlay(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _overlay(
+        self, rows: list[dict[str, Any]], *, hide_warm_returns: bool = False
+    ) -> list[dict[str, Any]]:
         kept = []
         for row in rows:
             termination = self._current.get(row.get("InstanceId", ""))
+            if termination is not None and termination.to_warm_pool and hide_warm_returns:
+                continue  # listed only by DescribeWarmPool
             if termination is not None:
                 row["LifecycleState"] = termination.wait_state
             elif self._status.get(row.get("InstanceId", ""), IN_SERVICE) != IN_SERVICE:

@@ -62,6 +62,7 @@ class SandboxSettings:
     max_wait: float = 12 * 3600
     max_wait_result: str = "CONTINUE"
     extra_hooks: tuple[str, ...] = ()  # other terminating hooks on every group (not ours)
+    warm_returns_in_group: bool = True  # see LifecycleHookEmulator
     env: Mapping[str, str] = field(default_factory=dict)
 
     def guard_env(self) -> dict[str, str]:
@@ -90,7 +91,13 @@ class Sandbox:
         )
         self.autoscaling: AutoScalingClient = self.session.client("autoscaling")
         self.ec2: EC2Client = self.session.client("ec2")
-        self.emulator = LifecycleHookEmulator(self.autoscaling, clock=clock, ec2=self.ec2, account_id=ACCOUNT)
+        self.emulator = LifecycleHookEmulator(
+            self.autoscaling,
+            clock=clock,
+            ec2=self.ec2,
+            account_id=ACCOUNT,
+            warm_returns_in_group=settings.warm_returns_in_group,
+        )
         self.emulator.attach(self.autoscaling)
         self.table_name = TABLE
         self._create_table()

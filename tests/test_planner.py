@@ -1,0 +1,238 @@
+"""The planner's properties, checked with hypothesis on pure data: no moto, no clock, no I/O.
+
+One instance's protocol is driven with arbitrary answers (any item a write may return, any answer
+Auto Scaling may give, the table failing at any step), and a tick is planned from arbitrary listings
+and tables. Whatever happens:
+
+- a completion follows only a write that proved the decision on the item (or max_wait);
+- a release's proof is what its decision claims: the idle clause for idle, the unchanged state for
+  stale, none only for max_wait;
+- a heartbeat is only sent when one is due;
+- every chain ends, within a bounded number of steps;
+- a tick acts only on valid instance ids of our groups, at most ``max_work`` of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from busy_guard import settings
+from busy_guard.decision import Action, DecisionConfig, Reason, decide
+from busy_guard.guard import planner
+from busy_guard.guard.autoscaling import GroupInstance, HookResult
+from busy_guard.schema import BusyState, Draining, Lease, Released
+
+NOW = 1_800_000_000.0
+CONFIG = DecisionConfig(max_wait=3600.0, clock_skew=30.0, legacy_stale_after=6 * 3600.0)
+HOOK = "busy-guard"
+GROUPS = ("graph-db", "other")
+MAX_STEPS = 12
+
+
+def policy(heartbeat_every: float = 300.0) -> planner.Policy:
+    return planner.Policy(
+        decision=CONFIG,
+        hook_name=HOOK,
+        heartbeat_every=heartbeat_every,
+        released_ttl=86_400.0,
+        actor="test",
+        now=NOW,
+    )
+
+
+instance_ids = st.sampled_from([f"i-{n:017x}" for n in range(6)])
+times = st.floats(min_value=NOW - 2 * CONFIG.max_wait, max_value=NOW + 60, allow_nan=False)
+leases = st.builds(
+    Lease,
+    lease_id=st.text("abcdef", min_size=1, max_size=4),
+    kind=st.just("bulk"),
+    holder=st.just("w"),
+    started_at=st.just(NOW - 600),
+    heartbeat_at=st.just(NOW - 60),
+    expires_at=st.floats(min_value=NOW - 600, max_value=NOW + 600, allow_nan=False),
+)
+drainings = st.builds(
+    Draining,
+    since=times,
+    asg=st.sampled_from(GROUPS),
+    hook=st.sampled_from([HOOK, "", "someone-else"]),
+    heartbeat_at=st.none() | times,
+)
+releaseds = st.builds(
+    Released,
+    at=times,
+    reason=st.sampled_from(["idle", "stale", "max_wait_exceeded", "gone", "operator: x"]),
+    by=st.just("guard"),
+    confirmed_at=st.none() | times,
+)
+
+
+@st.composite
+def states(draw: st.DrawFn, instance_id: str | None = None) -> BusyState:
+    found = draw(st.lists(leases, max_size=3, unique_by=lambda lease: lease.lease_id))
+    counter = draw(st.none() | st.integers(min_value=-1, max_value=4))
+    return BusyState(
+        instance_id=instance_id or draw(instance_ids),
+        exists=True,
+        leases=tuple(sorted(found, key=lambda lease: lease.lease_id)),
+        counter=counter,
+        last_op_at=NOW - 60,
+        last_op_at_raw="2027-01-15T08:00:00Z",
+        draining=draw(st.none() | drainings),
+        released=draw(st.none() | releaseds),
+    )
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> planner.Request:
+    instance_id = draw(instance_ids)
+    started = draw(st.none() | times)
+    return planner.Request(
+        instance_id=instance_id,
+        asg="graph-db",
+        wait_started=started,
+        not_before=started or 0.0,
+        seen=draw(st.none() | states(instance_id)),
+        probe=draw(st.booleans()),
+        recorded=draw(st.none() | releaseds),
+    )
+
+
+def answer_for(step: planner.Step, draw: st.DrawFn, instance_id: str) -> planner.Answer:
+    """Any answer the adapters could give to ``step``, the table failing included."""
+    if draw(st.integers(0, 9)) == 0 and not isinstance(step, (planner.Heartbeat, planner.Complete)):
+        return planner.Unavailable("DynamoDB UpdateItem failed: ThrottlingException")
+    match step:
+        case planner.Heartbeat() | planner.Complete():
+            return draw(st.sampled_from(list(HookResult)))
+        case planner.MarkDraining(draining=draining):
+            state = draw(states(instance_id))
+            return replace(state, draining=state.draining or draining)
+        case planner.RecordHeartbeat() | planner.Confirm():
+            return draw(st.booleans())
+        case _:
+            return planner.Written(draw(st.booleans()), draw(states(instance_id)))
+
+
+@given(request=requests(), data=st.data())
+def test_every_chain_ends_and_completes_only_on_proof(request: planner.Request, data: st.DataObject) -> None:
+    rules = policy()
+    progress = planner.first_step(request, rules)
+    previous: tuple[planner.Step, planner.Answer] | None = None
+    for _ in range(MAX_STEPS):
+        step = progress.step
+        if isinstance(step, planner.Done):
+            return
+        if isinstance(step, planner.Complete):
+            proved = previous is not None and isinstance(previous[1], planner.Written) and previous[1].ok
+            proved = proved and isinstance(
+                previous[0], (planner.ReleaseIfIdle, planner.Claim, planner.Recheck)
+            )
+            decision = progress.decision
+            assert decision is not None
+            # max_wait (decided, recorded, or with the table unreadable) ends the wait unproven.
+            assert proved or decision.reason is Reason.MAX_WAIT_EXCEEDED, (previous, decision)
+        if isinstance(step, planner.Claim):
+            assert_proof_matches_decision(step, progress)
+        answer = answer_for(step, data.draw, request.instance_id)
+        previous = (step, answer)
+        progress = planner.next_step(progress, answer, rules)
+    raise AssertionError(f"no end after {MAX_STEPS} steps: {progress}")
+
+
+def assert_proof_matches_decision(step: planner.Claim, progress: planner.Progress) -> None:
+    decision, state = progress.decision, progress.state
+    assert decision is not None and state is not None
+    assert decision.completes
+    if decision.reason is Reason.IDLE:
+        assert step.proof is not None and step.proof.idle
+    elif decision.reason is Reason.STALE:
+        assert step.proof is not None and step.proof.unchanged == state
+    else:
+        assert decision.reason is Reason.MAX_WAIT_EXCEEDED and step.proof is None
+    assert step.draining_since == (
+        state.draining.since if state.draining and state.draining.since > 0 else None
+    )
+
+
+@given(state=states(), every=st.floats(min_value=0, max_value=900), started=st.none() | times)
+def test_a_heartbeat_is_sent_only_when_due(state: BusyState, every: float, started: float | None) -> None:
+    state = replace(state, draining=state.draining or Draining(NOW - 100, "graph-db", HOOK), released=None)
+    request = planner.Request(state.instance_id, "graph-db", wait_started=started, seen=state)
+    progress = planner.first_step(request, policy(every))
+    if isinstance(progress.step, planner.Heartbeat):
+        known = [
+            t for t in (started, state.draining.heartbeat_at if state.draining else None) if t is not None
+        ]
+        known = [t for t in known if t <= NOW]
+        assert not known or NOW - max(known) >= every
+        assert not decide(state, CONFIG, NOW).completes
+
+
+@given(state=states(), every=st.floats(min_value=1, max_value=900))
+def test_a_busy_instance_whose_heartbeat_is_not_due_costs_no_call(state: BusyState, every: float) -> None:
+    draining = Draining(NOW - 100, "graph-db", HOOK, heartbeat_at=NOW - every / 2)
+    state = replace(state, draining=draining, released=None)
+    progress = planner.first_step(planner.Request(state.instance_id, "graph-db", seen=state), policy(every))
+    if decide(state, CONFIG, NOW).action is Action.WAIT:
+        assert isinstance(progress.step, planner.Done) and progress.step.end is planner.End.WAITING
+
+
+listings = st.dictionaries(
+    st.sampled_from([f"i-{n:017x}" for n in range(8)]),
+    st.builds(
+        GroupInstance,
+        asg=st.sampled_from(GROUPS[:1]),
+        lifecycle_state=st.sampled_from(
+            ["InService", "Terminating:Wait", "Warmed:Pending:Wait", "Warmed:Terminating:Wait"]
+        ),
+    ),
+    max_size=8,
+)
+table_ids = st.sampled_from([f"i-{n:017x}" for n in range(12)] + ["../x", "i-NOPE", "", "i-" + "f" * 30])
+
+
+@st.composite
+def tables(draw: st.DrawFn) -> dict[str, BusyState]:
+    ids = draw(st.lists(table_ids, max_size=12, unique=True))
+    return {i: draw(states(i)) for i in ids}
+
+
+@given(
+    listing=listings,
+    items=st.none() | tables(),
+    max_work=st.integers(min_value=0, max_value=10),
+)
+def test_a_tick_acts_only_on_valid_ids_of_our_groups_and_at_most_max_work(
+    listing: dict[str, GroupInstance], items: dict[str, BusyState] | None, max_work: int
+) -> None:
+    rules = planner.TickPolicy(asg_names=GROUPS[:1], hook_name=HOOK, heartbeat_timeout=900, max_work=max_work)
+    others = {i: BusyState(i) for i in planner.plan_reads(listing, items, rules)}
+    plan = planner.plan_tick(listing, items, others, rules, NOW)
+    assert len(plan.work) <= max_work
+    ids = [request.instance_id for request in plan.work]
+    assert len(ids) == len(set(ids))
+    for request in plan.work:
+        assert request.instance_id in listing or (items and request.instance_id in items)
+        seen = request.seen
+        if seen is not None and seen.draining is not None:
+            assert seen.draining.asg in rules.asg_names and seen.draining.hook in ("", HOOK)
+        assert request.asg in rules.asg_names
+        assert request.instance_id.startswith("i-") and len(request.instance_id) <= 19
+    waiting = sum(1 for w in listing.values() if w.waiting)
+    assert len(plan.work) + plan.capped + len(plan.skipped) >= min(waiting, max_work)
+
+
+def test_the_planner_leaves_the_wait_on_max_wait_even_when_the_table_fails() -> None:
+    """The wait is over whatever the table says: a failed claim still completes at max_wait."""
+    since = NOW - CONFIG.max_wait - 1
+    state = BusyState("i-00000000000000001", exists=True, draining=Draining(since, "graph-db", HOOK))
+    state = replace(state, leases=(Lease("a", "bulk", "w", NOW, NOW, NOW + 600),))
+    progress = planner.first_step(planner.Request(state.instance_id, "graph-db", seen=state), policy())
+    assert isinstance(progress.step, planner.Claim) and progress.step.proof is None
+    progress = planner.next_step(progress, planner.Unavailable("down"), policy())
+    assert isinstance(progress.step, planner.Complete) and progress.step.result is Action.CONTINUE
+    assert settings.MAX_CLAIM_ROUNDS >= 1
