@@ -1,4 +1,5 @@
-"""The writer library against moto: real boto3 calls, failures injected through botocore events."""
+"""The writer library on both engines (moto and Amazon DynamoDB Local): real boto3 calls, failures
+injected through botocore events."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 from botocore.awsrequest import AWSResponse
+from conftest import Engine
 
 import busy_guard
 from busy_guard import (
@@ -37,6 +39,17 @@ from busy_guard.sandbox.clock import ManualClock
 
 INSTANCE = "i-0123456789abcdef0"
 LOGGER = "busy_guard.writer"
+
+
+@pytest.fixture
+def dynamodb(engine: Engine) -> Any:
+    """Every test that touches the table runs on moto and on DynamoDB Local."""
+    return engine.client
+
+
+@pytest.fixture
+def busy_table(engine: Engine) -> str:
+    return engine.table
 
 
 @pytest.fixture(autouse=True)
