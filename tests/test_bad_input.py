@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from conftest import ENGINES, MOTO
 
 from busy_guard import schema, writer
 from busy_guard.guard.observability import logger
@@ -80,10 +81,12 @@ class World:
         self.clock.advance(60)
 
 
-@pytest.fixture(scope="module")
-def world() -> Iterator[World]:
+@pytest.fixture(scope="module", params=ENGINES)
+def world(request: pytest.FixtureRequest) -> Iterator[World]:
+    """One sandbox per engine: the table and its stream on moto, or on DynamoDB Local."""
     clock = ManualClock(START)
-    with Sandbox.start(clock=clock) as sb:
+    local = None if request.param == MOTO else request.getfixturevalue("dynamodb_local")
+    with Sandbox.start(clock=clock, dynamodb_local=local) as sb:
         yield World(sb, clock)
 
 
