@@ -32,6 +32,7 @@ from busy_guard import schema, writer
 from busy_guard.guard.observability import logger
 from busy_guard.sandbox.clock import ManualClock
 from busy_guard.sandbox.world import Sandbox, matches
+from busy_guard.settings import MAX_KIND_LENGTH
 
 START = 1_800_000_000.0
 GROUP = "graph-db"
@@ -712,7 +713,8 @@ def test_hostile_kind_is_stored_as_is_and_decided_correctly(w: World, kind: str)
     instance = w.fresh_instance()
     lease = begin(sb, instance, kind)
     [stored] = sb.item(instance).leases
-    assert stored.kind == (kind or "unknown")  # stored verbatim (an empty kind reads back as unknown)
+    # stored verbatim up to the bound (an empty kind reads back as unknown)
+    assert stored.kind == (kind[:MAX_KIND_LENGTH] or "unknown")
     with captured() as logs:
         sb.terminate(instance)
         w.clock.advance(60)

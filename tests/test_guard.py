@@ -23,6 +23,7 @@ from busy_guard.guard.observability import logger
 from busy_guard.sandbox.clock import ManualClock
 from busy_guard.sandbox.dynamodb_local import DynamoDBLocal
 from busy_guard.sandbox.world import AwsCallCounter, Sandbox, SandboxSettings
+from busy_guard.settings import Env
 
 START = 1_800_000_000.0
 GROUP = "graph-db"
@@ -527,3 +528,49 @@ def test_a_lease_renewed_at_the_last_moment_is_not_pruned(sandbox: Sandbox, cloc
     assert {lease.lease_id for lease in sandbox.item(instance).leases} == {slow.lease_id, other.lease_id}
     Sandbox.end(slow)
     Sandbox.end(other)
+
+
+# --- defects DynamoDB Local found ------------------------------------------------------------------------
+def test_a_string_counter_never_makes_the_guard_raise(
+    clock: ManualClock, sandbox_engine: DynamoDBLocal | None
+) -> None:
+    """A counter stored as a string is work of unknown age (the legacy rule). DynamoDB evaluates
+    ``#count <= :zero`` on it as false; moto raised TypeError from its evaluator, and the guard with
+    it. The idle condition checks the type first: the guard holds the instance, judges it by the
+    stale window, and releases it as stale, on both engines."""
+    settings = SandboxSettings(env={Env.LEGACY_STALE: "600"})
+    with Sandbox.start(settings, clock=clock, dynamodb_local=sandbox_engine) as sb:
+        instance = sb.instances(GROUP)[0]
+        sb.dynamodb.put_item(
+            TableName=sb.table_name,
+            Item={
+                "instance_id": {"S": instance},
+                "active_destructive_ops": {"S": "1"},
+                "last_destructive_op_at": {"S": schema.iso(clock())},
+            },
+        )
+        sb.terminate(instance)
+        assert completions(sb, instance) == []
+        assert sb.item(instance).draining is not None
+        run_ticks(sb, clock, 540, every=60)
+        assert completions(sb, instance) == []
+        run_ticks(sb, clock, 120, every=60)
+        assert completions(sb, instance) == [("CONTINUE", "guard")]
+        assert sb.item(instance).released.reason == "stale"  # type: ignore[union-attr]
+
+
+def test_a_writer_repairs_a_string_counter_and_its_lease_holds_the_instance(sandbox: Sandbox) -> None:
+    """End to end: the repaired item carries a real lease, so the guard waits for the work and the
+    stream releases the instance when it ends."""
+    instance = sandbox.instances(GROUP)[0]
+    sandbox.dynamodb.put_item(
+        TableName=sandbox.table_name,
+        Item={"instance_id": {"S": instance}, "active_destructive_ops": {"S": "0"}},
+    )
+    lease = sandbox.begin(instance)
+    sandbox.terminate(instance)
+    assert completions(sandbox, instance) == []
+    Sandbox.end(lease)
+    result = sandbox.pump_stream()
+    assert result is not None and result["outcomes"][0]["step"] == "completed"
+    assert completions(sandbox, instance) == [("CONTINUE", "guard")]

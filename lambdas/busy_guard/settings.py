@@ -82,6 +82,20 @@ event model check ids against it (``identity.validate_instance_id``)."""
 # --- the writer's lease -------------------------------------------------------------------------
 LEASE_TTL_SECONDS: Final = 180
 LEASE_HEARTBEAT_SECONDS: Final = 60
+MAX_KIND_LENGTH: Final = 256
+"""Characters of a lease kind the writer stores. A kind is stored twice (in its lease and as
+``last_destructive_op_kind``) and DynamoDB refuses an item over 400 KB, so an unbounded kind would
+make a second lease fail and its work run unguarded; a longer kind is cut here (and logged)."""
+WRITER_MAX_POOL_CONNECTIONS: Final = 64
+"""Connections the writer's shared client may keep open to DynamoDB. botocore's default is 10,
+fewer than the threads that call it at once in one process: asyncio's default executor alone runs
+up to 32 begins and ends, beside any number of sync callers and heartbeat threads. Connections
+open only when used, so a larger pool costs nothing in a quiet process."""
+
+# --- logging ----------------------------------------------------------------------------------------
+MAX_LOGGED_CHARS: Final = 64
+"""Characters of any caller- or item-supplied string (a kind, an id, a value from an image) that
+one log line shows: hostile input never makes a long log line."""
 
 
 class Env:

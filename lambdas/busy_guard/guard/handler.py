@@ -31,7 +31,7 @@ from busy_guard.guard.models import (
 from busy_guard.guard.observability import NAMESPACE, SERVICE, MetricName, logger, metrics, tracer
 from busy_guard.guard.reconcile import Guard, Outcome, Step, Target, Trigger
 from busy_guard.guard.table import BusyTable
-from busy_guard.settings import INSTANCE_ID_PATTERN
+from busy_guard.settings import INSTANCE_ID_PATTERN, MAX_LOGGED_CHARS
 
 # Short connect/read timeouts: a hung endpoint must cost a retry, not the whole invocation.
 _AWS_CONFIG = Config(
@@ -40,7 +40,7 @@ _AWS_CONFIG = Config(
 
 
 # Characters of a stream record's id or of a string from its image that a log line shows.
-MAX_SHOWN = 64
+MAX_SHOWN = MAX_LOGGED_CHARS
 
 
 class ReconcileError(RuntimeError):
