@@ -1030,16 +1030,27 @@ def test_log_lines_stay_short_whatever_the_caller_passes(
 def test_draining_mark_half_way_through_concurrent_work(
     engine: Engine, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """8 threads of 50 operations and 50 concurrent async operations, all through the writer's own
-    shared client (no lock on DynamoDB Local: its real concurrency), while the guard's look marks
+    """8 threads of 50 operations and 50 concurrent async operations, all through one client with the
+    writer's configuration (no lock on DynamoDB Local: its real concurrency), while the guard's look marks
     the instance draining half-way through. Afterwards the counter equals the lease count and both
     are 0, no begin that started after the mark was accepted, and the client's connection pool
     was large enough (urllib3 warns when it has to discard connections)."""
+    from botocore.config import Config
+    from conftest import aws_session
+
     from busy_guard.guard.table import BusyTable
 
     monkeypatch.setenv("BUSY_GUARD_TABLE", engine.table)
     caplog.set_level(logging.WARNING, "urllib3.connectionpool")
     table = BusyTable(engine.client, engine.table)
+    # The writer's own client configuration (its pool size), with timeouts a loaded machine can't
+    # hit: a timed-out end would leave its lease to expire, which is by design but not this test.
+    shared = aws_session().client(
+        "dynamodb",
+        endpoint_url=engine.endpoint_url,
+        config=writer.CLIENT_CONFIG.merge(Config(connect_timeout=30, read_timeout=30)),
+    )
+    assert shared.meta.config.max_pool_connections == settings.WRITER_MAX_POOL_CONNECTIONS
     lock = threading.Lock()
     begun = 0
     marked_at: list[float] = []  # monotonic time the mark's call returned
@@ -1058,7 +1069,7 @@ def test_draining_mark_half_way_through_concurrent_work(
         nonlocal refused
         started = time.monotonic()
         try:
-            with instance_busy_sync(INSTANCE, "threaded") as lease:
+            with instance_busy_sync(INSTANCE, "threaded", client=shared) as lease:
                 note(started, lease)
         except InstanceDrainingError:
             with lock:
@@ -1076,7 +1087,7 @@ def test_draining_mark_half_way_through_concurrent_work(
         await asyncio.sleep(random.uniform(0, 0.2))
         started = time.monotonic()
         try:
-            async with instance_busy(INSTANCE, f"async-{number % 3}") as lease:
+            async with instance_busy(INSTANCE, f"async-{number % 3}", client=shared) as lease:
                 note(started, lease)
                 await asyncio.sleep(random.uniform(0, 0.02))
         except InstanceDrainingError:

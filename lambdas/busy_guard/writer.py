@@ -75,9 +75,8 @@ ORPHAN_AFTER = 300.0
 MAX_PRUNED_PER_BEGIN = 10
 # Longer than one heartbeat call can take with CLIENT_CONFIG (two 0.5 s attempts and a backoff).
 HEARTBEAT_JOIN_TIMEOUT = 2.0
-# Begin needs at most: add to the map, create the map, add again (lost a race to create it), and
-# one more after repairing a string-typed counter.
-_BEGIN_TRIES = 4
+# Begin needs at most: add to the map, create the map, add again (lost a race to create it).
+_BEGIN_TRIES = 3
 
 OnDraining = Literal["raise", "warn"]
 _ON_DRAINING: tuple[str, ...] = ("raise", "warn")
@@ -341,7 +340,9 @@ class _Writer:
         create_map = False
         repaired = False
         old: schema.Item = {}
-        for _ in range(_BEGIN_TRIES):
+        tries = 0
+        while tries < _BEGIN_TRIES + repaired:  # the repair of a string counter earns one more try
+            tries += 1
             try:
                 request = schema.begin_update(lease, boot_time=boot, create_map=create_map)
                 previous = self._update(instance_id, request).get("Attributes")
