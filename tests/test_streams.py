@@ -27,7 +27,7 @@ from conftest import create_busy_table
 
 from busy_guard import schema, writer
 from busy_guard.sandbox.dynamodb_local import DynamoDBLocal
-from busy_guard.sandbox.world import _as_lambda_record, matches
+from busy_guard.sandbox.world import StreamReader, _as_lambda_record, matches
 
 NOW = 1_800_000_000.0
 
@@ -42,22 +42,10 @@ class Stream:
             self.client, f"busy_guard.streams-{uuid.uuid4().hex[:12]}", stream=True
         )
         self.arn = self.client.describe_table(TableName=self.table)["Table"]["LatestStreamArn"]
-        self._iterators: dict[str, str | None] = {}
+        self._reader = StreamReader(self.streams, self.arn)
 
     def new_records(self) -> list[dict[str, Any]]:
-        records: list[dict[str, Any]] = []
-        for shard in self.streams.describe_stream(StreamArn=self.arn)["StreamDescription"]["Shards"]:
-            shard_id = shard["ShardId"]
-            iterator = (
-                self._iterators.get(shard_id)
-                or self.streams.get_shard_iterator(
-                    StreamArn=self.arn, ShardId=shard_id, ShardIteratorType="TRIM_HORIZON"
-                )["ShardIterator"]
-            )
-            page = self.streams.get_records(ShardIterator=iterator)
-            records.extend(_as_lambda_record(record, self.arn) for record in page["Records"])
-            self._iterators[shard_id] = page.get("NextShardIterator") or iterator
-        return records
+        return self._reader.new_records()
 
     def events(self) -> list[str]:
         return [record["eventName"] for record in self.new_records()]

@@ -116,8 +116,8 @@ class Sandbox:
         )
         self.emulator.attach(self.guard.hooks.client)
         guard_handler.use_guard(self.guard)
-        self._shard_iterators: dict[str, str | None] = {}
         self._stream_arn = self.dynamodb.describe_table(TableName=table)["Table"]["LatestStreamArn"]
+        self._stream = StreamReader(self.streams, self._stream_arn)
         self.invocations: list[tuple[str, dict[str, Any]]] = []
 
     @classmethod
@@ -235,22 +235,7 @@ class Sandbox:
         return self.invoke({"Records": records}, "stream")
 
     def _new_stream_records(self) -> list[dict[str, Any]]:
-        shards = self.streams.describe_stream(StreamArn=self._stream_arn)["StreamDescription"]["Shards"]
-        records: list[dict[str, Any]] = []
-        for shard in shards:
-            shard_id = shard["ShardId"]
-            if shard_id in self._shard_iterators and self._shard_iterators[shard_id] is None:
-                continue  # a closed shard read to its end
-            iterator = (
-                self._shard_iterators.get(shard_id)
-                or self.streams.get_shard_iterator(
-                    StreamArn=self._stream_arn, ShardId=shard_id, ShardIteratorType="TRIM_HORIZON"
-                )["ShardIterator"]
-            )
-            page = self.streams.get_records(ShardIterator=iterator)
-            records.extend(_as_lambda_record(r, self._stream_arn) for r in page["Records"])
-            self._shard_iterators[shard_id] = page.get("NextShardIterator")
-        return records
+        return self._stream.new_records()
 
     # --- setup ---------------------------------------------------------------------------------------
     def _create_table(self) -> None:
@@ -285,6 +270,34 @@ class Sandbox:
                     HeartbeatTimeout=self.settings.heartbeat_timeout,
                     DefaultResult=self.settings.default_result,
                 )
+
+
+class StreamReader:
+    """A table's stream, read from its start: each call returns the records written since the last,
+    in the shape the Lambda event source delivers them."""
+
+    def __init__(self, streams: DynamoDBStreamsClient, stream_arn: str) -> None:
+        self.streams = streams
+        self.stream_arn = stream_arn
+        self._iterators: dict[str, str | None] = {}  # None: a closed shard read to its end
+
+    def new_records(self) -> list[dict[str, Any]]:
+        shards = self.streams.describe_stream(StreamArn=self.stream_arn)["StreamDescription"]["Shards"]
+        records: list[dict[str, Any]] = []
+        for shard in shards:
+            shard_id = shard["ShardId"]
+            if shard_id in self._iterators and self._iterators[shard_id] is None:
+                continue
+            iterator = (
+                self._iterators.get(shard_id)
+                or self.streams.get_shard_iterator(
+                    StreamArn=self.stream_arn, ShardId=shard_id, ShardIteratorType="TRIM_HORIZON"
+                )["ShardIterator"]
+            )
+            page = self.streams.get_records(ShardIterator=iterator)
+            records.extend(_as_lambda_record(r, self.stream_arn) for r in page["Records"])
+            self._iterators[shard_id] = page.get("NextShardIterator")
+        return records
 
 
 class AwsCallCounter:
