@@ -537,7 +537,12 @@ def test_a_string_counter_never_makes_the_guard_raise(
     """A counter stored as a string is work of unknown age (the legacy rule). DynamoDB evaluates
     ``#count <= :zero`` on it as false; moto raised TypeError from its evaluator, and the guard with
     it. The idle condition checks the type first: the guard holds the instance, judges it by the
-    stale window, and releases it as stale, on both engines."""
+    stale window, and releases it as stale, on both engines.
+
+    Which engine is right: DynamoDB Local. "If an item contains an AttributeValue element of a
+    different type than the one provided in the request, the value does not match"
+    (https://docs.aws.amazon.com/amazondynamodb/latest/APIReference/API_ExpectedAttributeValue.html):
+    a string never compares with a number, it makes the condition false, never an error."""
     settings = SandboxSettings(env={Env.LEGACY_STALE: "600"})
     with Sandbox.start(settings, clock=clock, dynamodb_local=sandbox_engine) as sb:
         instance = sb.instances(GROUP)[0]

@@ -711,11 +711,14 @@ def test_heartbeat_stops_once_when_an_operator_removed_the_lease(
             Key=schema.key(INSTANCE),
             **schema.end_update(lease.lease_id, kind="k", now=0),
         )
+        # Renewals may have landed before the removal (on a real engine a request takes long enough
+        # for some 20 ms intervals to pass); after it, one renewal fails and the heartbeat stops.
+        renewals_before = sum("#hb" in call for call in calls)
         assert lease._thread is not None
         lease._thread.join(timeout=2)
         assert not lease.heartbeat_running
         time.sleep(0.1)
-    assert sum("#hb" in call for call in calls) == 1
+    assert sum("#hb" in call for call in calls) - renewals_before in (0, 1)
     gone = [message for message in warnings_in(caplog) if "no longer on" in message]
     assert len(gone) == 1
     assert_consistent(dynamodb, busy_table, 0)
@@ -965,7 +968,12 @@ def test_a_string_counter_is_repaired_and_the_lease_taken(
     """DynamoDB refuses ``ADD`` on a string counter (ValidationException: "An operand in the update
     expression has an incorrect data type"), so every begin failed and the work ran without a lease;
     moto applied half of it (the lease, not the count). The writer now turns the string back into a
-    number (conditioned on its type and value) and takes its lease, on both engines."""
+    number (conditioned on its type and value) and takes its lease, on both engines.
+
+    Which engine is right: DynamoDB Local. A ValidationException is a rejected request ("The input
+    fails to satisfy the constraints", https://docs.aws.amazon.com/amazondynamodb/latest/APIReference/CommonErrors.html)
+    and Amazon's engine writes nothing for it; moto's partial write is a moto defect, which the
+    repair absorbs (a half-applied begin's own lease is counted once)."""
     old_lease = schema.Lease("old", "k", "h", 1.0, 1.0, 4_000_000_000.0)
     item: dict[str, Any] = {"instance_id": {"S": INSTANCE}, "active_destructive_ops": {"S": raw}}
     if leases_before:
