@@ -70,7 +70,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 pytest: $(STAMP) $(NODE_STAMP) $(LAMBDA_DEPS_STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 # The busy-guard stack into cdk.out/, and the example app's stack into cdk.out/examples/guarded_group/.
 synth: $(STAMP) $(NODE_STAMP) $(LAMBDA_DEPS_STAMP)

@@ -884,6 +884,8 @@ def test_demo_calls_run_demo_and_exits_with_its_code(monkeypatch: pytest.MonkeyP
     assert calls == [{"speed": 120.0, "scenarios": ["busy", "idle", "crash"], "out": sys.stdout}]
     assert main(["demo"]) == 4
     assert calls[-1] == {"out": sys.stdout}  # the demo's own defaults
+    assert main(["demo", "--engine", "dynamodb-local"]) == 4
+    assert calls[-1] == {"engine": "dynamodb-local", "out": sys.stdout}
 
 
 def test_demo_without_moto_says_what_to_install(

@@ -116,3 +116,35 @@ def test_the_command_runs_on_a_machine_with_a_foreign_aws_setup() -> None:
     assert result.returncode == 0, result.stderr
     assert "PASS  crashed writer" in result.stdout
     assert "1/1 scenarios passed" in result.stdout
+
+
+def test_the_demo_runs_on_dynamodb_local() -> None:
+    """`busy-guard demo --engine dynamodb-local`: the console script starts Amazon DynamoDB Local and
+    keeps the table and its stream there, so the guard is woken by the engine's real stream records
+    through the stack's filter; every scenario gets the same verdict as on moto, and the server is
+    gone when the command returns."""
+    import re
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("busy-guard")
+    result = subprocess.run(
+        [str(script), "demo", "--engine", "dynamodb-local"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = result.stdout
+    assert "4/4 scenarios passed" in text
+    assert (
+        "PASS  instance refresh with a long operation — released 0s after the operation ended (stream), "
+        "others at once"
+    ) in text
+    assert "guard (stream): CONTINUE idle after 24m20s → hook completed CONTINUE → terminated" in text
+    [port] = re.findall(r"Amazon DynamoDB Local \(http://127\.0\.0\.1:(\d+)\)", text)
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", int(port))) != 0, "DynamoDB Local outlived the demo"

@@ -5,8 +5,10 @@ exactly what they see from AWS:
 
 - DynamoDB: a ``before-send.dynamodb.<Op>`` handler answers the matching request with the HTTP
   error AWS sends (JSON body, ``__type`` code), raises the exception urllib3 raises for a timeout or
-  an unreachable endpoint, or lets moto execute the request and then loses the response (a read
-  timeout after the write landed: the retry sees its own earlier write).
+  an unreachable endpoint, or lets the engine execute the request and then loses the response (a
+  read timeout after the write landed: the retry sees its own earlier write). The request really
+  goes through on either engine (:func:`send_for_real`: moto's in-process stubber where moto serves
+  the URL, else a real HTTP send to DynamoDB Local), so every case runs on both.
 - Auto Scaling: the lifecycle-hook emulator's ``fail_next`` (AWS-shaped XML errors), or a raising
   ``before-send`` for timeouts.
 
@@ -17,7 +19,8 @@ first tick after the fault clears converges: ``done`` and ``lost`` completed exa
 still waiting with a fresh heartbeat. A final test prints how many faults were injected and
 survived.
 
-One sandbox (moto + emulator) serves the whole module: every case takes fresh instances and a fresh
+One sandbox per engine (moto + emulator, with the table on moto or on DynamoDB Local) serves the
+whole module: every case takes fresh instances and a fresh
 guard with fresh clients (a fresh botocore retry quota), so cases stay independent and the module
 stays fast. Sleeps of botocore's retries (the only retry layer) are skipped for the
 guard (counted instead); the writer keeps its real sleeps, because its time budget is under test.
@@ -39,6 +42,8 @@ import botocore.endpoint
 import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
+from botocore.httpsession import URLLib3Session
+from conftest import ENGINES, MOTO
 from moto.core.models import botocore_stubber
 
 from busy_guard import schema, writer
@@ -163,6 +168,18 @@ _END = schema.end_update("x", kind="k", now=0)["UpdateExpression"]
 _HEARTBEAT = schema.heartbeat_update("x", now=0, expires_at=0)["UpdateExpression"]
 
 Match = Callable[[dict[str, Any]], bool]
+_HTTP = URLLib3Session(timeout=10)
+
+
+def send_for_real(request: Any, event_name: str) -> AWSResponse:
+    """Execute a request on its engine from inside a ``before-send`` handler: moto's in-process
+    stubber where moto serves the URL, else a real HTTP send (DynamoDB Local). The request's URL is
+    then diverted, so that moto's own handler, which runs after this one, can't execute it twice."""
+    response: AWSResponse | None = botocore_stubber(event_name=event_name, request=request)
+    if response is None:
+        response = _HTTP.send(request)
+    request.url = DIVERTED
+    return response
 
 
 def _anything(_: dict[str, Any]) -> bool:
@@ -227,9 +244,8 @@ class DynamoFaults:
                 armed = self._active and self._match(body)
             if not armed:
                 return None
-            response: AWSResponse | None = botocore_stubber(event_name=event_name, request=request)
-            request.url = DIVERTED  # moto's own handler (it runs after this one) must not run it again
-            if response is None or response.status_code != 200:
+            response = send_for_real(request, event_name)
+            if response.status_code != 200:
                 return response  # lose a response that reports a change, not a refusal
             with self._lock:
                 if not self._active:
@@ -357,8 +373,9 @@ class World:
             self.sb.dynamodb.delete_item(TableName=self.sb.table_name, Key=schema.key(self.used.pop()))
 
 
-@pytest.fixture(scope="module")
-def world() -> Iterator[World]:
+@pytest.fixture(scope="module", params=ENGINES)
+def world(request: pytest.FixtureRequest) -> Iterator[World]:
+    """One sandbox per engine for the module: the table on moto, or on DynamoDB Local."""
     clock = ManualClock(START)
     # A HeartbeatTimeout just over three ticks: a heartbeat is due on every tick (after
     # settings.heartbeat_every_seconds), so each tick during a fault shows whether the busy instance
@@ -366,7 +383,8 @@ def world() -> Iterator[World]:
     timeout = MIN_HEARTBEAT_TIMEOUT_SECONDS + 30
     assert heartbeat_every_seconds(timeout, TICK) < TICK - 1
     settings = SandboxSettings(heartbeat_timeout=timeout, max_wait=3 * 3600)
-    with Sandbox.start(settings, clock=clock) as sb:
+    local = None if request.param == MOTO else request.getfixturevalue("dynamodb_local")
+    with Sandbox.start(settings, clock=clock, dynamodb_local=local) as sb:
         yield World(sb, clock)
 
 
@@ -573,6 +591,14 @@ def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
+async def _async_wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Every wait has a deadline: a fault that never fires fails the case, never hangs the run."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.01)
+
+
 def _writer_client(w: World) -> Any:
     # The writer's own client configuration: 0.5 s timeouts, two attempts.
     return w.sb.session.client("dynamodb", config=writer.CLIENT_CONFIG)
@@ -681,12 +707,12 @@ def test_async_writer_never_blocks_the_event_loop(world: World, case: Case, op: 
                 held.append(lease)
                 timings["begin"] = time.monotonic() - started
                 if op == "heartbeat":
-                    while faults.injected == 0:
-                        await asyncio.sleep(0.01)
+                    await _async_wait_for(lambda: faults.injected > 0)
                     faults.clear()
                     now = world.clock.advance(7)
-                    while not any(e.heartbeat_at == now for e in world.sb.item(instance).leases):
-                        await asyncio.sleep(0.02)
+                    await _async_wait_for(
+                        lambda: any(e.heartbeat_at == now for e in world.sb.item(instance).leases)
+                    )
                 timings["body_done"] = time.monotonic()
                 raise BodyError("the body's own error")
         finally:
@@ -760,9 +786,8 @@ class CrashOnce:
     def _dynamodb(self, request: Any, event_name: str, **_: Any) -> AWSResponse | None:
         if self.fired or not self._match(json.loads(request.body or b"{}")):
             return None
-        response: AWSResponse | None = botocore_stubber(event_name=event_name, request=request)
-        request.url = DIVERTED
-        if response is None or response.status_code != 200 or not self._fire():
+        response = send_for_real(request, event_name)
+        if response.status_code != 200 or not self._fire():
             return response
         raise Crash  # the write landed; the process died before it read the answer
 

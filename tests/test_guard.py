@@ -1,4 +1,5 @@
-"""The guard through its real handler entry, on moto plus the lifecycle-hook emulator.
+"""The guard through its real handler entry, on moto plus the lifecycle-hook emulator, with the
+table and its stream on each engine (moto, and Amazon DynamoDB Local: real stream records).
 
 Every scenario drives the three triggers the way AWS would (the rule's event, the filtered table
 stream, the schedule) and asserts what an on-call engineer would check: did the hook complete,
@@ -20,7 +21,9 @@ from busy_guard import schema
 from busy_guard.guard.handler import ReconcileError
 from busy_guard.guard.observability import logger
 from busy_guard.sandbox.clock import ManualClock
+from busy_guard.sandbox.dynamodb_local import DynamoDBLocal
 from busy_guard.sandbox.world import AwsCallCounter, Sandbox, SandboxSettings
+from busy_guard.settings import Env
 
 START = 1_800_000_000.0
 GROUP = "graph-db"
@@ -32,8 +35,8 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-def sandbox(clock: ManualClock) -> Iterator[Sandbox]:
-    with Sandbox.start(clock=clock) as world:
+def sandbox(clock: ManualClock, sandbox_engine: DynamoDBLocal | None) -> Iterator[Sandbox]:
+    with Sandbox.start(clock=clock, dynamodb_local=sandbox_engine) as world:
         yield world
 
 
@@ -161,9 +164,11 @@ def test_legacy_active_leases_item(sandbox: Sandbox, clock: ManualClock) -> None
 
 
 @pytest.mark.parametrize("result", ["CONTINUE", "ABANDON"])
-def test_max_wait_releases_live_work(clock: ManualClock, result: str) -> None:
+def test_max_wait_releases_live_work(
+    clock: ManualClock, result: str, sandbox_engine: DynamoDBLocal | None
+) -> None:
     settings = SandboxSettings(max_wait=3600, heartbeat_timeout=900, max_wait_result=result)
-    with Sandbox.start(settings, clock=clock) as sb:
+    with Sandbox.start(settings, clock=clock, dynamodb_local=sandbox_engine) as sb:
         instance = sb.instances(GROUP)[0]
         lease = sb.begin(instance, lease_ttl=10 * 3600)
         sb.terminate(instance)
@@ -307,9 +312,11 @@ def test_new_work_is_refused_while_draining(sandbox: Sandbox) -> None:
     Sandbox.end(lease)
 
 
-def test_another_hooks_wait_is_skipped_after_ours_completes(clock: ManualClock) -> None:
+def test_another_hooks_wait_is_skipped_after_ours_completes(
+    clock: ManualClock, sandbox_engine: DynamoDBLocal | None
+) -> None:
     settings = SandboxSettings(extra_hooks=("someone-elses-hook",))
-    with Sandbox.start(settings, clock=clock) as sb:
+    with Sandbox.start(settings, clock=clock, dynamodb_local=sandbox_engine) as sb:
         instance = sb.instances(GROUP)[0]
         sb.terminate(instance)
         assert completions(sb, instance) == [("CONTINUE", "guard")]
@@ -440,10 +447,12 @@ def test_a_heartbeat_in_the_same_second_defeats_a_stale_claim(sandbox: Sandbox, 
     Sandbox.end(quiet)
 
 
-def test_a_guard_never_lets_go_of_another_guards_instance(clock: ManualClock) -> None:
+def test_a_guard_never_lets_go_of_another_guards_instance(
+    clock: ManualClock, sandbox_engine: DynamoDBLocal | None
+) -> None:
     """Two stacks may share one table: each guard's tick only ever acts on its own groups."""
     settings = SandboxSettings(groups={"team-a": 1, "team-b": 1}, env={"BUSY_GUARD_ASG_NAMES": "team-a"})
-    with Sandbox.start(settings, clock=clock) as sb:
+    with Sandbox.start(settings, clock=clock, dynamodb_local=sandbox_engine) as sb:
         [theirs] = sb.instances("team-b")
         lease = sb.begin(theirs, lease_ttl=3600)
         sb.terminate(theirs, deliver=False)  # guard B's event, not ours
@@ -478,9 +487,11 @@ def test_a_warm_instance_back_without_a_reboot_works_again_after_one_tick(
     Sandbox.end(sandbox.begin(instance))
 
 
-def test_a_release_mark_is_kept_while_the_instance_still_terminates(clock: ManualClock) -> None:
+def test_a_release_mark_is_kept_while_the_instance_still_terminates(
+    clock: ManualClock, sandbox_engine: DynamoDBLocal | None
+) -> None:
     settings = SandboxSettings(extra_hooks=("someone-elses-hook",))
-    with Sandbox.start(settings, clock=clock) as sb:
+    with Sandbox.start(settings, clock=clock, dynamodb_local=sandbox_engine) as sb:
         instance = sb.instances(GROUP)[0]
         sb.terminate(instance)
         run_ticks(sb, clock, 300, every=60)
@@ -531,3 +542,54 @@ def test_a_lease_renewed_at_the_last_moment_is_not_pruned(sandbox: Sandbox, cloc
     assert {lease.lease_id for lease in sandbox.item(instance).leases} == {slow.lease_id, other.lease_id}
     Sandbox.end(slow)
     Sandbox.end(other)
+
+
+# --- defects DynamoDB Local found ------------------------------------------------------------------------
+def test_a_string_counter_never_makes_the_guard_raise(
+    clock: ManualClock, sandbox_engine: DynamoDBLocal | None
+) -> None:
+    """A counter stored as a string is work of unknown age (the legacy rule). DynamoDB evaluates
+    ``#count <= :zero`` on it as false; moto raised TypeError from its evaluator, and the guard with
+    it. The idle condition checks the type first: the guard holds the instance, judges it by the
+    stale window, and releases it as stale, on both engines.
+
+    Which engine is right: DynamoDB Local. "If an item contains an AttributeValue element of a
+    different type than the one provided in the request, the value does not match"
+    (https://docs.aws.amazon.com/amazondynamodb/latest/APIReference/API_ExpectedAttributeValue.html):
+    a string never compares with a number, it makes the condition false, never an error."""
+    settings = SandboxSettings(env={Env.LEGACY_STALE: "600"})
+    with Sandbox.start(settings, clock=clock, dynamodb_local=sandbox_engine) as sb:
+        instance = sb.instances(GROUP)[0]
+        sb.dynamodb.put_item(
+            TableName=sb.table_name,
+            Item={
+                "instance_id": {"S": instance},
+                "active_destructive_ops": {"S": "1"},
+                "last_destructive_op_at": {"S": schema.iso(clock())},
+            },
+        )
+        sb.terminate(instance)
+        assert completions(sb, instance) == []
+        assert sb.item(instance).draining is not None
+        run_ticks(sb, clock, 540, every=60)
+        assert completions(sb, instance) == []
+        run_ticks(sb, clock, 120, every=60)
+        assert completions(sb, instance) == [("CONTINUE", "guard")]
+        assert sb.item(instance).released.reason == "stale"  # type: ignore[union-attr]
+
+
+def test_a_writer_repairs_a_string_counter_and_its_lease_holds_the_instance(sandbox: Sandbox) -> None:
+    """End to end: the repaired item carries a real lease, so the guard waits for the work and the
+    stream releases the instance when it ends."""
+    instance = sandbox.instances(GROUP)[0]
+    sandbox.dynamodb.put_item(
+        TableName=sandbox.table_name,
+        Item={"instance_id": {"S": instance}, "active_destructive_ops": {"S": "0"}},
+    )
+    lease = sandbox.begin(instance)
+    sandbox.terminate(instance)
+    assert completions(sandbox, instance) == []
+    Sandbox.end(lease)
+    result = sandbox.pump_stream()
+    assert result is not None and result["outcomes"][0]["step"] == "completed"
+    assert completions(sandbox, instance) == [("CONTINUE", "guard")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import uuid
 from typing import Any
 
 import pytest
@@ -454,3 +455,122 @@ def test_iso_round_trips_within_a_second(epoch: float) -> None:
 @given(_text)
 def test_parse_iso_never_raises(text: str) -> None:
     schema.parse_iso(text)
+
+
+# --- DynamoDB Local's untyped empty map -----------------------------------------------------------
+def test_an_empty_lease_map_in_either_shape() -> None:
+    """AWS always types a value (``{"M": {}}``); DynamoDB Local's stream records write the empty map
+    as ``{}``. The parser reads only the typed shape as "no leases": an untyped value stays an
+    unreadable lease, which holds the instance (a malformed value must never read as idle). The
+    sandbox's record adapter (``typed_empty_maps``) is where DynamoDB Local's shape is absorbed."""
+    from busy_guard.sandbox.world import typed_empty_maps
+
+    typed = parse_item(item(leases={"M": {}}, active_destructive_ops={"N": "0"}))
+    assert (typed.leases, typed.corrupt_leases, typed.problems) == ((), 0, ())
+    untyped = parse_item(item(leases={}, active_destructive_ops={"N": "0"}))
+    assert untyped.corrupt_leases == 1 and untyped.untracked_ops == 1
+    adapted = {name: typed_empty_maps(value) for name, value in item(leases={}).items()}
+    assert parse_item(adapted) == parse_item(item(leases={"M": {}}))
+    nested = {"M": {"a": {}, "b": {"L": [{}, {"S": "x"}]}, "c": {"N": "1"}}}
+    assert typed_empty_maps(nested) == {
+        "M": {"a": {"M": {}}, "b": {"L": [{"M": {}}, {"S": "x"}]}, "c": {"N": "1"}}
+    }
+
+
+# --- every request form on every item state, on both engines ---------------------------------------
+LIVE = Lease("live", "bulk_table_insert", "h:1", T, T, T + 180)
+NEW = Lease("new", "materialization", "h:2", T + 5, T + 5, T + 185)
+ITEM_STATES: dict[str, dict[str, Any] | None] = {
+    "absent": None,
+    "key-only": item(),
+    "idle": item(leases={"M": {}}, active_destructive_ops={"N": "0"}),
+    "busy": item(
+        leases={"M": {"live": schema.lease_value(LIVE)}},
+        active_destructive_ops={"N": "1"},
+        last_destructive_op_at={"S": schema.iso(T)},
+    ),
+    "draining-busy": item(
+        leases={"M": {"live": schema.lease_value(LIVE)}},
+        active_destructive_ops={"N": "1"},
+        last_destructive_op_at={"S": schema.iso(T)},
+        draining=schema.draining_value(Draining(T, "graph-db", "busy-guard")),
+    ),
+    "draining-only": item(draining=schema.draining_value(Draining(T, "graph-db", "busy-guard"))),
+    "released": item(
+        released=schema.released_value(Released(T, "idle", "guard")), expires_at={"N": "1800000000"}
+    ),
+    "legacy-counter": item(
+        active_destructive_ops={"N": "2"}, last_destructive_op_at={"S": "2024-05-01T10:00:00+00:00"}
+    ),
+    "legacy-set": item(active_leases={"SS": ["2024-05-01T10:00:00+00:00|backfill|abc"]}),
+}
+REQUESTS: dict[str, schema.UpdateRequest] = {
+    "begin-add": schema.begin_update(NEW, boot_time=T - 100, create_map=False),
+    "begin-create": schema.begin_update(NEW, boot_time=T - 100, create_map=True),
+    "end": schema.end_update("live", kind="k", now=T + 10),
+    "heartbeat": schema.heartbeat_update("live", now=T + 60, expires_at=T + 240),
+    "prune": schema.prune_lease_update(LIVE),
+    "mark-draining": schema.mark_draining_update(Draining(T + 1, "graph-db", "busy-guard")),
+    "release-if-idle": schema.release_if_idle_update(
+        Released(T + 2, "idle", "guard"), ttl=T + 86400, not_before=T
+    ),
+    "release-claim": schema.release_update(
+        Released(T + 2, "stale", "guard"), ttl=T + 86400, draining_since=T
+    ),
+    "release-unchanged": schema.release_update(
+        Released(T + 2, "stale", "guard"),
+        ttl=T + 86400,
+        draining_since=T,
+        proof=schema.Proof(unchanged=parse_item(ITEM_STATES["draining-busy"])),
+    ),
+    "release-override": schema.release_update(
+        Released(T + 2, "operator", "me"), ttl=T + 86400, draining_since=None
+    ),
+    "confirm-release": schema.confirm_release_update(T, now=T + 3),
+    "clear-release": schema.clear_release_update(T),
+    "counter-probe": schema.counter_probe_update(),
+}
+
+
+def apply(client: Any, table: str, state: str, request: str) -> tuple[str, Any]:
+    """Write the item state, send the request; what happened and the item afterwards."""
+    instance = f"i-{state}-{request}"
+    start = ITEM_STATES[state]
+    if start is not None:
+        client.put_item(TableName=table, Item={**start, "instance_id": {"S": instance}})
+    try:
+        client.update_item(TableName=table, Key=schema.key(instance), **REQUESTS[request])
+        outcome = "applied"
+    except client.exceptions.ClientError as error:
+        outcome = error.response["Error"]["Code"]
+    after = client.get_item(TableName=table, Key=schema.key(instance), ConsistentRead=True).get("Item")
+    return outcome, after
+
+
+def test_every_request_form_on_every_item_state_is_valid_and_moto_agrees_with_dynamodb_local(
+    aws: None, dynamodb_local: Any
+) -> None:
+    """The project's whole protocol is these requests: run each on each well-formed item state on
+    both engines. Amazon's engine rejects none of them as invalid, and moto reaches the same outcome
+    (applied, or the condition failed) and the same item every time."""
+    from conftest import aws_session, create_busy_table
+
+    moto_client = aws_session().client("dynamodb")
+    local_client = aws_session().client("dynamodb", endpoint_url=dynamodb_local.endpoint_url)
+    table = f"busy_guard.forms-{uuid.uuid4().hex[:12]}"
+    for client in (moto_client, local_client):
+        create_busy_table(client, table)
+    disagreements = []
+    outcomes: dict[str, int] = {}
+    try:
+        for state in ITEM_STATES:
+            for request in REQUESTS:
+                local = apply(local_client, table, state, request)
+                assert local[0] in ("applied", "ConditionalCheckFailedException"), (state, request, local)
+                outcomes[local[0]] = outcomes.get(local[0], 0) + 1
+                if apply(moto_client, table, state, request) != local:
+                    disagreements.append((state, request))
+    finally:
+        local_client.delete_table(TableName=table)
+    assert disagreements == []
+    assert outcomes["applied"] > 30 and outcomes["ConditionalCheckFailedException"] > 30, outcomes

@@ -508,6 +508,48 @@ def end_update(lease_id: str, *, kind: str, now: float) -> UpdateRequest:
     }
 
 
+def counter_probe_update() -> UpdateRequest:
+    """Read the item through ``UpdateItem`` (the writer's only permission) when the counter may not
+    be a number: the condition fails on a counter of any other type and returns the item as it is.
+    On a numeric counter it succeeds and sets the counter to itself, which changes nothing and so
+    emits no stream record."""
+    return {
+        "UpdateExpression": "SET #count = #count",
+        "ConditionExpression": "attribute_type(#count, :number)",
+        "ExpressionAttributeNames": {"#count": COUNTER},
+        "ExpressionAttributeValues": {":number": string("N")},
+        "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+    }
+
+
+def repaired_counter(state: BusyState, raw: str, own_lease_id: str) -> int:
+    """The number a string-typed counter becomes: its value where it reads as a whole number (what
+    its writer meant), and never below the number of other leases on the item. The repairing
+    begin's own lease counts once more if it is already there: DynamoDB applies an update whole or
+    not at all, but moto applies the ``SET`` of a begin whose ``ADD`` it then refuses."""
+    try:
+        meant = max(int(raw.strip()), 0)
+    except ValueError:
+        meant = 0
+    others = sum(lease.lease_id != own_lease_id for lease in state.leases) + state.corrupt_leases
+    return max(meant, others) + (len(state.leases) + state.corrupt_leases - others)
+
+
+def repair_counter_update(seen: str, value: int) -> UpdateRequest:
+    """Turn a string-typed counter back into a number, only if it is still the string the writer saw.
+
+    DynamoDB refuses ``ADD`` on a string ("An operand in the update expression has an incorrect
+    data type"), so while the counter is a string every begin and end fails and the work runs
+    without a lease. Nothing our writers do changes the leases while it is a string (every begin,
+    end and prune ``ADD``s to it), so the condition on its type and value is the whole proof."""
+    return {
+        "UpdateExpression": "SET #count = :value",
+        "ConditionExpression": "attribute_type(#count, :string) AND #count = :seen",
+        "ExpressionAttributeNames": {"#count": COUNTER},
+        "ExpressionAttributeValues": {":string": string("S"), ":seen": string(seen), ":value": num(value)},
+    }
+
+
 def prune_lease_update(lease: Lease) -> UpdateRequest:
     """Remove a crashed process's lease, and uncount it, only if nobody renewed it meanwhile.
 
@@ -569,12 +611,16 @@ def mark_draining_update(draining: Draining) -> UpdateRequest:
     }
 
 
+# ``attribute_type`` first: a counter of another type (a string) is not a number <= 0, so the
+# instance is not provably idle. DynamoDB evaluates such a comparison as false; moto raises TypeError
+# from inside its evaluator instead, which the type check keeps it from reaching.
 _IDLE_CLAUSE = (
-    "(attribute_not_exists(#count) OR #count <= :zero)"
+    "(attribute_not_exists(#count) OR (attribute_type(#count, :number) AND #count <= :zero))"
     " AND (attribute_not_exists(#leases) OR size(#leases) = :zero)"
     " AND attribute_not_exists(#legacy)"
 )
 _IDLE_NAMES = {"#count": COUNTER, "#leases": LEASES, "#legacy": LEGACY_LEASES}
+_IDLE_VALUES = {":zero": num(0), ":number": string("N")}
 
 
 def whole_seconds(epoch: float) -> int:
@@ -598,7 +644,7 @@ class Proof:
 def proof_clauses(proof: Proof) -> tuple[list[str], dict[str, str], dict[str, Any]]:
     """(conditions, names, values) of a proof, for any conditional update of the guard's."""
     if proof.idle:
-        return [_IDLE_CLAUSE], dict(_IDLE_NAMES), {":zero": num(0)}
+        return [_IDLE_CLAUSE], dict(_IDLE_NAMES), dict(_IDLE_VALUES)
     state = proof.unchanged
     if state is None:
         return [], {}, {}
@@ -669,7 +715,7 @@ def release_if_idle_update(released: Released, *, ttl: float, not_before: float)
             "#ttl": TTL,
         },
         "ExpressionAttributeValues": {
-            ":zero": num(0),
+            **_IDLE_VALUES,
             ":released": released_value(released),
             ":ttl": num(whole_seconds(ttl)),
             ":not_before": num(not_before),

@@ -138,6 +138,20 @@ EVENT_RELEASED: Final = "Instance released"
 # --- the writer's lease -------------------------------------------------------------------------
 LEASE_TTL_SECONDS: Final = 180
 LEASE_HEARTBEAT_SECONDS: Final = 60
+MAX_KIND_LENGTH: Final = 256
+"""Characters of a lease kind the writer stores. A kind is stored twice (in its lease and as
+``last_destructive_op_kind``) and DynamoDB refuses an item over 400 KB, so an unbounded kind would
+make a second lease fail and its work run unguarded; a longer kind is cut here (and logged)."""
+WRITER_MAX_POOL_CONNECTIONS: Final = 64
+"""Connections the writer's shared client may keep open to DynamoDB. botocore's default is 10,
+fewer than the threads that call it at once in one process: asyncio's default executor alone runs
+up to 32 begins and ends, beside any number of sync callers and heartbeat threads. Connections
+open only when used, so a larger pool costs nothing in a quiet process."""
+
+# --- logging ----------------------------------------------------------------------------------------
+MAX_LOGGED_CHARS: Final = 64
+"""Characters of any caller- or item-supplied string (a kind, an id, a value from an image) that
+one log line shows: hostile input never makes a long log line."""
 
 
 class Env:
@@ -161,5 +175,8 @@ class Env:
     # the writer library (and `busy-guard run`)
     INSTANCE_ID: Final = "BUSY_GUARD_INSTANCE_ID"
     ENDPOINT_URL: Final = "BUSY_GUARD_ENDPOINT_URL"
+
+    # the sandbox and the tests: where DynamoDB Local's jar is, if not in node_modules
+    DYNAMODB_LOCAL_DIR: Final = "BUSY_GUARD_DYNAMODB_LOCAL_DIR"
 
     PREFIX: Final = "BUSY_GUARD_"

