@@ -24,17 +24,21 @@ from __future__ import annotations
 
 import os
 import threading
+import types
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
+import botocore.endpoint
 from botocore.awsrequest import AWSResponse
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from busy_guard import identity, schema
+from busy_guard.guard.autoscaling import LifecycleHooks
 from busy_guard.guard.table import BusyTable
 from busy_guard.sandbox.clock import ManualClock
 from busy_guard.sandbox.world import HOOK, Sandbox, SandboxSettings
@@ -92,9 +96,16 @@ class GuardModel(RuleBasedStateMachine):
         super().__init__()
         self.clock = ManualClock(START)
         self.stack = ExitStack()
+        # botocore's retry backoff sleeps in real seconds (up to 6 s per injected fault); the model's
+        # time is simulated, so the sleeps are counted, not slept.
+        skipped = types.SimpleNamespace(sleep=lambda seconds: STATS.update(["retry sleeps skipped"]))
+        self.stack.enter_context(mock.patch.object(botocore.endpoint, "time", skipped))
         self.sb = self.stack.enter_context(Sandbox.start(WORLD, clock=self.clock))
+        # Injected faults hit the guard's clients only, never the model's own reads and writes.
         self.fault = DynamoFault()
         self.sb.guard.table.client.meta.events.register_first("before-send.dynamodb.*", self.fault)
+        # The operator's `busy-guard release` runs with its own clients, as the CLI does.
+        self.operator_hooks = LifecycleHooks(self.sb.autoscaling, HOOK)
         self.leases: list[Lease] = []
         self.boot: dict[str, float] = {i: START - 3600 for i in self.sb.instances(GROUP)}
         self.late_events: list[dict[str, Any]] = []
@@ -106,6 +117,8 @@ class GuardModel(RuleBasedStateMachine):
         STATS["examples"] += 1
 
     def teardown(self) -> None:
+        for lease in self.leases:  # the writers' heartbeat threads must not outlive their world
+            lease.handle._stop_heartbeat()
         self.stack.close()
 
     # --- helpers ----------------------------------------------------------------------------------
@@ -184,6 +197,7 @@ class GuardModel(RuleBasedStateMachine):
                 lease.expires_at = found[lease.handle.lease_id].expires_at
         else:
             lease.crashed = True  # no end, no renewal: its lease expires
+            lease.handle._stop_heartbeat()
         STATS[f"writer {how}"] += 1
 
     # --- terminations and their events ----------------------------------------------------------------
@@ -266,7 +280,8 @@ class GuardModel(RuleBasedStateMachine):
         if operation == "dynamodb":
             self.fault.left = count
         else:
-            self.sb.emulator.fail_next(operation, "Throttling", count=count)
+            guard_client = self.sb.guard.hooks.client
+            self.sb.emulator.fail_next(operation, "Throttling", count=count, client=guard_client)
         STATS[f"fault {operation}"] += 1
 
     @rule(data=st.data())
@@ -277,7 +292,7 @@ class GuardModel(RuleBasedStateMachine):
         action = data.draw(st.sampled_from(actions))
         self.operator_released.add(action.token)
         # What `busy-guard release` does: complete the hook, then record it on the item.
-        self.sb.guard.hooks.complete(GROUP, action.instance_id, "CONTINUE")
+        self.operator_hooks.complete(GROUP, action.instance_id, "CONTINUE")
         table = BusyTable(self.sb.dynamodb, self.sb.table_name)
         now = self.clock()
         table.release(

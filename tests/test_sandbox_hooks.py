@@ -561,6 +561,26 @@ def test_injected_5xx_is_retried_by_botocore(sandbox: Sandbox) -> None:
     assert len(sb.emu.completions(victim)) == 1
 
 
+def test_a_fault_aimed_at_one_client_never_hits_another(sandbox: Sandbox) -> None:
+    """A test's own reads (the operator client) must not consume or see the faults meant for the
+    code under test (the guard client), whichever of them calls first."""
+    sb = sandbox
+    sb.add_hook()
+    sb.emu.fail_next("DescribeAutoScalingGroups", "AccessDenied", count=1, client=sb.guard)  # no retry
+
+    listed = sb.operator.describe_auto_scaling_groups(AutoScalingGroupNames=[GROUP])
+    with pytest.raises(ClientError) as denied:
+        sb.guard.describe_auto_scaling_groups(AutoScalingGroupNames=[GROUP])
+
+    assert listed["AutoScalingGroups"][0]["AutoScalingGroupName"] == GROUP
+    assert error_of(denied)[0] == "AccessDenied"
+    stats = sb.emu.calls("DescribeAutoScalingGroups")
+    assert stats.faulted == 1
+    sb.guard.describe_auto_scaling_groups(AutoScalingGroupNames=[GROUP])  # the fault is used up
+    with pytest.raises(ValueError, match="attached"):
+        sb.emu.fail_next("DescribeAutoScalingGroups", client=new_client("autoscaling"))
+
+
 def test_injected_faults_surface_as_client_errors(sandbox: Sandbox) -> None:
     sb = sandbox
     sb.add_hook()

@@ -42,10 +42,13 @@ Sandbox only: nothing outside ``busy_guard.sandbox`` imports this module, and it
 
 from __future__ import annotations
 
+import functools
 import io
+import itertools
 import threading
 import time
 import uuid
+import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -222,6 +225,7 @@ class _Fault:
     code: str
     message: str
     status: int
+    client_number: int | None = None  # only this attached client's attempts; None: any
 
 
 class _Body(io.BytesIO):
@@ -283,6 +287,10 @@ class LifecycleHookEmulator:
         self._events: list[dict[str, Any]] = []
         self._stats: defaultdict[str, CallStats] = defaultdict(CallStats)
         self._faults: defaultdict[str, deque[_Fault]] = defaultdict(deque)
+        # Each attached client's number, which its before-send handler carries: a fault may be
+        # aimed at one client (the code under test's) and never hit another (a test's own reads).
+        self._client_numbers: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._numbering = itertools.count(1)
         self._refreshes: dict[str, list[dict[str, Any]]] = {}  # group -> its instance refreshes
 
     # --- wiring ---------------------------------------------------------------------------------
@@ -293,9 +301,11 @@ class LifecycleHookEmulator:
         itself; attaching twice is harmless. Returns ``client``."""
         service = self._service_id(client)
         events = client.meta.events
+        with self._lock:
+            number = self._client_numbers.setdefault(client, next(self._numbering))
         events.register_first(f"before-call.{service}", self._before_call, unique_id=f"{self._uid}-call")
         # botocore takes the first non-None answer of a before-send handler as the HTTP response.
-        before_send = cast("Callable[..., None]", self._before_send)
+        before_send = cast("Callable[..., None]", functools.partial(self._before_send, client_number=number))
         events.register_first(f"before-send.{service}", before_send, unique_id=f"{self._uid}-send")
         events.register(f"after-call.{service}", self._after_call, unique_id=f"{self._uid}-after")
         return client
@@ -469,17 +479,27 @@ class LifecycleHookEmulator:
         *,
         status: int | None = None,
         count: int = 1,
+        client: AutoScalingClient | None = None,
     ) -> None:
         """Answer the next ``count`` HTTP attempts of ``operation`` (any autoscaling operation, on
         attached clients) with an AWS-shaped error. Each botocore retry consumes one, so a
-        retryable code (Throttling, 5xx) is retried by the client's retry mode as against AWS."""
+        retryable code (Throttling, 5xx) is retried by the client's retry mode as against AWS.
+
+        ``client`` (attached) aims the faults at that client alone: the code under test's calls
+        fail while a test's own reads through another attached client never see them."""
         default_status, default_message = _FAULT_DEFAULTS.get(code, (400, code))
-        fault = _Fault(
-            code=code,
-            message=(message or default_message).format(operation=operation),
-            status=status or default_status,
-        )
         with self._lock:
+            number = None
+            if client is not None:
+                number = self._client_numbers.get(client)
+                if number is None:
+                    raise ValueError("fail_next(client=...) needs a client attached to this emulator")
+            fault = _Fault(
+                code=code,
+                message=(message or default_message).format(operation=operation),
+                status=status or default_status,
+                client_number=number,
+            )
             self._faults[operation].extend([fault] * count)
 
     def clear_faults(self) -> None:
@@ -544,7 +564,9 @@ class LifecycleHookEmulator:
         with self._lock:
             self._apply_timeouts_locked(self._clock())
 
-    def _before_send(self, request: Any, event_name: str, **_: Any) -> AWSResponse | None:
+    def _before_send(
+        self, request: Any, event_name: str, client_number: int | None = None, **_: Any
+    ) -> AWSResponse | None:
         if self._is_internal():
             return None
         operation = event_name.rsplit(".", 1)[-1]
@@ -553,9 +575,8 @@ class LifecycleHookEmulator:
             self._apply_timeouts_locked(now)
             stats = self._stats[operation]
             stats.attempted += 1
-            pending = self._faults.get(operation)
-            if pending:
-                fault = pending.popleft()
+            fault = self._take_fault(operation, client_number)
+            if fault is not None:
                 stats.faulted += 1
                 self._note(now, "-", "fault", f"{operation}: {fault.status} {fault.code}")
                 status, body = fault.status, _error_xml(fault.code, fault.message, fault.status)
@@ -583,6 +604,16 @@ class LifecycleHookEmulator:
         # Keep moto's before-send stubber (it runs after us) from executing the call as well.
         request.url = _DIVERTED_URL
         return _response(status, body)
+
+    def _take_fault(self, operation: str, client_number: int | None) -> _Fault | None:
+        """The first pending fault of ``operation`` aimed at this client (or at any), taken."""
+        pending = self._faults.get(operation)
+        for index, fault in enumerate(pending or ()):
+            if fault.client_number in (None, client_number):
+                assert pending is not None
+                del pending[index]
+                return fault
+        return None
 
     def _after_call(
         self, http_response: Any, parsed: dict[str, Any], model: Any, context: Mapping[str, Any], **_: Any
