@@ -334,6 +334,39 @@ def test_another_hooks_wait_is_skipped_after_ours_completes(
         assert completions(sb, instance) == [("CONTINUE", "guard")]
 
 
+@pytest.mark.parametrize("again", ["refresh", "warm-pool"])
+def test_a_lost_event_behind_an_old_release_mark_is_still_guarded(
+    sandbox: Sandbox, clock: ManualClock, again: str
+) -> None:
+    """A warm-pool instance released by an operator (its lease still on the item) comes back and
+    terminates again before any tick saw it in service, and that event is lost. The old release
+    mark once made every tick skip it as "another hook's wait": the hook timed out with the lease
+    live (the model test found it). Now the tick probes our hook, adopts the wait and holds it."""
+    from busy_guard.guard.autoscaling import LifecycleHooks
+    from busy_guard.guard.table import BusyTable
+
+    instance = sandbox.instances(GROUP)[0]
+    sandbox.begin(instance, lease_ttl=10 * 3600)  # a long load: its process stops with the instance
+    sandbox.terminate(instance, destination="WarmPool")
+    LifecycleHooks(sandbox.autoscaling, "busy-guard").complete(GROUP, instance, "CONTINUE")
+    now = clock()
+    released = schema.Released(now, "operator: test", "operator")
+    BusyTable(sandbox.dynamodb, sandbox.table_name).release(
+        instance, released, ttl=now + 3600, draining_since=None
+    )
+    clock.advance(sandbox.guard_config.heartbeat_timeout + 60)  # past one HeartbeatTimeout, no tick
+    sandbox.emulator.relaunch(instance)
+    sandbox.emulator.terminate(
+        instance, destination="WarmPool" if again == "warm-pool" else "EC2", should_decrement=False
+    )  # its event is lost
+    run_ticks(sandbox, clock, 3 * sandbox.guard_config.heartbeat_timeout, every=60)
+
+    assert [c.by for c in sandbox.emulator.completions(instance)] == ["guard"]  # the operator's
+    assert sandbox.emulator.state(instance) in ("Terminating:Wait", "Warmed:Pending:Wait")
+    item = sandbox.item(instance)
+    assert item.draining is not None and item.draining.heartbeat_at is not None
+
+
 def test_instance_gone_from_the_group_is_marked_released(sandbox: Sandbox, clock: ManualClock) -> None:
     instance = sandbox.instances(GROUP)[0]
     sandbox.begin(instance, lease_ttl=10 * 3600)

@@ -236,3 +236,53 @@ def test_the_planner_leaves_the_wait_on_max_wait_even_when_the_table_fails() -> 
     progress = planner.next_step(progress, planner.Unavailable("down"), policy())
     assert isinstance(progress.step, planner.Complete) and progress.step.result is Action.CONTINUE
     assert settings.MAX_CLAIM_ROUNDS >= 1
+
+
+def test_a_wait_behind_an_old_release_mark_is_probed_and_adopted_not_skipped() -> None:
+    """A warm-pool instance released earlier comes back and terminates again before a tick saw it in
+    service (which clears the mark), and that termination's event is lost. Its old release mark
+    must not hide the new wait: skipped as "another hook's", the hook would time out (found by the
+    model test). Past one HeartbeatTimeout no wait of ours can be the released one (it got no
+    heartbeat since), so the tick probes our hook and adopts the wait when the probe is accepted."""
+    timeout = 300.0
+    rules = planner.TickPolicy(asg_names=GROUPS[:1], hook_name=HOOK, heartbeat_timeout=timeout, max_work=10)
+    old = Released(at=NOW - timeout - 100, reason="idle", by="busy-guard")
+    instance = "i-00000000000000001"
+    state = BusyState(instance, exists=True, released=old)
+    for lifecycle_state in ("Terminating:Wait", "Warmed:Pending:Wait"):
+        listing = {instance: GroupInstance("graph-db", lifecycle_state)}
+        plan = planner.plan_tick(listing, {instance: state}, {}, rules, NOW)
+        assert plan.skipped == [] and [r.instance_id for r in plan.work] == [instance]
+        [request] = plan.work
+        assert request.probe and request.recorded is None
+
+        progress = planner.first_step(request, policy())
+        assert isinstance(progress.step, planner.Heartbeat)
+        progress = planner.next_step(progress, HookResult.DONE, policy())
+        # Ours: the old mark does not count as this wait's release, on the item's condition too.
+        assert isinstance(progress.step, planner.ReleaseIfIdle) and progress.step.not_before > old.at
+        busy = replace(state, leases=(Lease("a", "bulk", "w", NOW - 60, NOW - 60, NOW + 600),), counter=1)
+        progress = planner.next_step(progress, planner.Written(False, busy), policy())
+        assert isinstance(progress.step, planner.MarkDraining)
+        held = replace(busy, draining=progress.step.draining)
+        progress = planner.next_step(progress, held, policy())
+        # The probe was this wait's first heartbeat: recorded, so the next is due a third later.
+        assert isinstance(progress.step, planner.RecordHeartbeat)
+
+    # Another hook's wait after ours finished: the probe is refused and nothing is recorded.
+    probe = planner.first_step(plan.work[0], policy())
+    done = planner.next_step(probe, HookResult.NOT_ACTIVE, policy())
+    assert isinstance(done.step, planner.Done) and done.step.end is planner.End.SKIPPED
+
+
+def test_a_release_mark_still_being_completed_is_left_to_its_invocation() -> None:
+    """Younger than RECORDED_RELEASE_RETRY_AFTER_SECONDS, the invocation that recorded it is still
+    completing it: no call at all."""
+    rules = planner.TickPolicy(asg_names=GROUPS[:1], hook_name=HOOK, heartbeat_timeout=300, max_work=10)
+    instance = "i-00000000000000001"
+    young = Released(at=NOW - settings.RECORDED_RELEASE_RETRY_AFTER_SECONDS + 1, reason="idle", by="g")
+    listing = {instance: GroupInstance("graph-db", "Terminating:Wait")}
+    plan = planner.plan_tick(
+        listing, {instance: BusyState(instance, exists=True, released=young)}, {}, rules, NOW
+    )
+    assert plan.work == [] and [s.request.instance_id for s in plan.skipped] == [instance]

@@ -22,6 +22,7 @@ Calls per decision on the common paths:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -558,8 +559,10 @@ def plan_tick(
         if released is not None:
             if _repeat(released, policy, now):
                 ranked.append((_RECORDED, released.at, replace(request, recorded=released)))
+            elif now - released.at < settings.RECORDED_RELEASE_RETRY_AFTER_SECONDS:
+                skipped.append(Skipped(request, "being released by another invocation"))
             else:
-                skipped.append(Skipped(request, "waiting on another hook"))
+                ranked.append((_PROBE, now, _behind_release(request, released)))
         elif seen is not None and seen.draining is not None:
             ranked.append((_LISTED, seen.draining.since, request))
         elif instance.adoptable:
@@ -587,6 +590,17 @@ def plan_tick(
         capped=max(0, len(work) - policy.max_work),
         rejected=rejected,
     )
+
+
+def _behind_release(request: Request, released: Released) -> Request:
+    """A wait behind a release mark that is not repeated: another hook's wait after ours finished,
+    or a newer termination of ours whose event was lost (a warm-pool instance back in service and
+    terminating again before a tick saw it InService, which clears the mark). The mark alone can't
+    tell them apart, and skipping a wait of ours lets the hook time out. So probe our hook: the
+    guard never heartbeats after a release, so past one HeartbeatTimeout (or once confirmed or
+    gone) an accepted heartbeat is a newer wait's, and ``not_before`` keeps the old mark from
+    counting as that wait's release. "No active action" is another hook's wait: nothing recorded."""
+    return replace(request, probe=True, not_before=math.nextafter(released.at, math.inf))
 
 
 def _repeat(released: Released, policy: TickPolicy, now: float) -> bool:
