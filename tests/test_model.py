@@ -5,19 +5,25 @@ random interleavings, and checks the guard's promises after every step.
 Rules: writers begin, end, renew or crash; terminations (instance refresh with a replacement,
 scale-in, return to a warm pool) whose lifecycle events are delivered, lost, duplicated or late;
 stream batches delivered or lost; schedule ticks and the clock moving; injected Auto Scaling and
-DynamoDB faults; an operator's release; a warm instance coming back.
+DynamoDB faults; an operator's release; a warm instance coming back; an operator draining an
+instance in place (``busy-guard drain``'s maintenance mark, set and later cleared).
 
 Invariants, after every step:
 - no instance leaves our hook's wait while the table held a live lease for it, unless max_wait had
   passed or an operator released it;
 - every termination is completed within max_wait plus two ticks (plus the ticks that failed);
 - every item's counter equals its number of leases;
-- no lease is accepted on an instance already marked draining;
+- no lease is accepted on an instance already marked draining or in maintenance;
+- the guard never takes a maintenance mark for a termination: it never clears one, and never marks
+  an instance draining that was not terminated (a termination during maintenance is held like any
+  other while a live lease exists: the first invariant);
 - at most one guard completion per termination;
 - no hook of ours times out while the guard runs.
 
 Budget: ``make test`` runs a bounded profile (``BUSY_GUARD_MODEL_EXAMPLES`` examples of
 ``BUSY_GUARD_MODEL_STEPS`` steps, small defaults); ``make soak`` runs a long one.
+``BUSY_GUARD_MODEL_ENGINE=dynamodb-local`` keeps the table and its stream on Amazon DynamoDB Local
+instead of moto (Auto Scaling stays on moto and the emulator either way).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import os
 import threading
 import types
+import uuid
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -41,6 +48,7 @@ from busy_guard import identity, schema
 from busy_guard.guard.autoscaling import LifecycleHooks
 from busy_guard.guard.table import BusyTable
 from busy_guard.sandbox.clock import ManualClock
+from busy_guard.sandbox.dynamodb_local import DynamoDBLocal
 from busy_guard.sandbox.world import HOOK, Sandbox, SandboxSettings
 from busy_guard.writer import InstanceDrainingError, LeaseHandle
 
@@ -56,6 +64,20 @@ WORLD = SandboxSettings(
     groups={GROUP: 3}, heartbeat_timeout=HEARTBEAT_TIMEOUT, max_wait=MAX_WAIT, max_wait_result="CONTINUE"
 )
 STATS: Counter[str] = Counter()
+ENGINES = ("moto", "dynamodb-local")
+ENGINE = os.environ.get("BUSY_GUARD_MODEL_ENGINE", "moto")
+assert ENGINE in ENGINES, f"BUSY_GUARD_MODEL_ENGINE must be one of {ENGINES}, not {ENGINE!r}"
+_servers: list[DynamoDBLocal] = []
+
+
+def dynamodb_local() -> DynamoDBLocal | None:
+    """The engine of the table: None for moto, else one DynamoDB Local for the whole run (each
+    example has its own table on it; the server stops at exit)."""
+    if ENGINE == "moto":
+        return None
+    if not _servers:
+        _servers.append(DynamoDBLocal.start())
+    return _servers[0]
 
 
 @dataclass
@@ -100,12 +122,17 @@ class GuardModel(RuleBasedStateMachine):
         # time is simulated, so the sleeps are counted, not slept.
         skipped = types.SimpleNamespace(sleep=lambda seconds: STATS.update(["retry sleeps skipped"]))
         self.stack.enter_context(mock.patch.object(botocore.endpoint, "time", skipped))
-        self.sb = self.stack.enter_context(Sandbox.start(WORLD, clock=self.clock))
+        self.sb = self.stack.enter_context(
+            Sandbox.start(WORLD, clock=self.clock, dynamodb_local=dynamodb_local())
+        )
         # Injected faults hit the guard's clients only, never the model's own reads and writes.
         self.fault = DynamoFault()
         self.sb.guard.table.client.meta.events.register_first("before-send.dynamodb.*", self.fault)
         # The operator's `busy-guard release` runs with its own clients, as the CLI does.
         self.operator_hooks = LifecycleHooks(self.sb.autoscaling, HOOK)
+        self.operator_table = BusyTable(self.sb.dynamodb, self.sb.table_name)
+        self.maintenance: dict[str, schema.Maintenance] = {}  # instance -> the drain's own mark
+        self.terminated: set[str] = set()  # instances whose termination was ever started
         self.leases: list[Lease] = []
         self.boot: dict[str, float] = {i: START - 3600 for i in self.sb.instances(GROUP)}
         self.late_events: list[dict[str, Any]] = []
@@ -175,12 +202,13 @@ class GuardModel(RuleBasedStateMachine):
         try:
             handle = self.sb.begin(instance, lease_ttl=ttl)
         except InstanceDrainingError:
-            STATS["begins refused"] += 1
+            STATS["begins refused" + (" (maintenance)" if instance in self.maintenance else "")] += 1
             return
         except RuntimeError:  # the writer took no lease (it logged why): a refused begin
             return
-        # No lease is accepted after the draining mark.
+        # No lease is accepted after the draining mark, nor during maintenance.
         assert item.draining is None, f"lease accepted on draining {instance}"
+        assert item.maintenance is None, f"lease accepted on {instance} in maintenance"
         self.leases.append(Lease(handle, instance, self.clock() + ttl))
         STATS["begins"] += 1
 
@@ -211,6 +239,7 @@ class GuardModel(RuleBasedStateMachine):
         if not candidates:
             return
         instance = data.draw(st.sampled_from(candidates))
+        self.terminated.add(instance)
         events = self.sb.emulator.terminate(
             instance,
             destination="WarmPool" if kind == "warm-pool" else "EC2",
@@ -303,6 +332,31 @@ class GuardModel(RuleBasedStateMachine):
         )
         STATS["operator release"] += 1
 
+    # --- maintenance: an operator drains an instance in place (what `busy-guard drain` writes) ----------
+    @precondition(lambda self: len(self.maintenance) < 2)
+    @rule(data=st.data())
+    def drain(self, data: st.DataObject) -> None:
+        candidates = [i for i in self.alive() if i not in self.maintenance]
+        if not candidates:
+            return
+        instance = data.draw(st.sampled_from(candidates))
+        mark = schema.Maintenance(since=self.clock(), by="operator", reason="model", token=uuid.uuid4().hex)
+        taken, state = self.operator_table.begin_maintenance(instance, mark)
+        assert taken, f"only the model drains, yet {instance} was in maintenance: {state}"
+        self.maintenance[instance] = mark
+        STATS["drain"] += 1
+
+    @precondition(lambda self: bool(self.maintenance))
+    @rule(data=st.data())
+    def undrain(self, data: st.DataObject) -> None:
+        instance = data.draw(st.sampled_from(sorted(self.maintenance)))
+        mark = self.maintenance.pop(instance)
+        cleared, state = self.operator_table.end_maintenance(
+            instance, mark, ended_at=self.clock(), result="ok"
+        )
+        assert cleared, f"{instance}'s maintenance mark was gone before its drain ended it: {state}"
+        STATS["undrain"] += 1
+
     # --- invariants ---------------------------------------------------------------------------------
     @invariant()
     def check(self) -> None:
@@ -335,6 +389,18 @@ class GuardModel(RuleBasedStateMachine):
             item = self.sb.item(instance)
             if item.exists:
                 assert (item.counter or 0) == len(item.leases) + item.corrupt_leases, item
+            self.check_maintenance(instance, item)
+
+    def check_maintenance(self, instance: str, item: schema.BusyState) -> None:
+        """The guard never takes a maintenance mark for a termination: it never clears or changes
+        one, and it marks draining only an instance whose termination was started."""
+        mark = self.maintenance.get(instance)
+        if mark is not None:
+            assert item.maintenance == mark, f"{instance}: the drain's mark changed to {item.maintenance}"
+        if item.draining is not None:
+            assert instance in self.terminated, f"{instance} marked draining, never terminated: {item}"
+        if mark is not None and item.draining is not None and item.leases:
+            STATS["terminating in maintenance, with leases"] += 1
 
 
 GuardModel.TestCase.settings = settings(
