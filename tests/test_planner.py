@@ -9,12 +9,18 @@ and tables. Whatever happens:
   stale, none only for max_wait;
 - a heartbeat is only sent when one is due;
 - every chain ends, within a bounded number of steps;
-- a tick acts only on valid instance ids of our groups, at most ``max_work`` of them.
+- a tick acts only on valid instance ids of our groups, at most ``max_work`` of them;
+- a maintenance mark (``busy-guard drain``) changes nothing the planner does: not one step, not one
+  decision, not one tick's plan. Writers honour it; the guard neither reads it as a termination nor
+  lets it hold a termination that has no live lease.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -23,7 +29,7 @@ from busy_guard import settings
 from busy_guard.decision import Action, DecisionConfig, Reason, decide
 from busy_guard.guard import planner
 from busy_guard.guard.autoscaling import GroupInstance, HookResult
-from busy_guard.schema import BusyState, Draining, Lease, Released
+from busy_guard.schema import BusyState, Draining, Lease, Maintenance, Released
 
 NOW = 1_800_000_000.0
 CONFIG = DecisionConfig(max_wait=3600.0, clock_skew=30.0, legacy_stale_after=6 * 3600.0)
@@ -286,3 +292,80 @@ def test_a_release_mark_still_being_completed_is_left_to_its_invocation() -> Non
         listing, {instance: BusyState(instance, exists=True, released=young)}, {}, rules, NOW
     )
     assert plan.work == [] and [s.request.instance_id for s in plan.skipped] == [instance]
+
+
+maintenances = st.builds(
+    Maintenance,
+    since=times,
+    by=st.just("operator"),
+    reason=st.just("patching"),
+    token=st.text("abcdef", min_size=1, max_size=4),
+    forced=st.booleans(),
+)
+
+
+def each_state(value: Any, change: Callable[[BusyState], BusyState]) -> Any:
+    """``value`` (a step, an answer, a request, a plan...) with ``change`` applied to every item
+    state inside it."""
+    if isinstance(value, BusyState):
+        return change(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {
+            f.name: each_state(getattr(value, f.name), change) for f in dataclasses.fields(value) if f.init
+        }
+        return replace(value, **fields)
+    if isinstance(value, tuple | list):
+        return type(value)(each_state(v, change) for v in value)
+    if isinstance(value, dict):
+        return {k: each_state(v, change) for k, v in value.items()}
+    return value
+
+
+def unmarked(value: Any) -> Any:
+    return each_state(value, lambda state: replace(state, maintenance=None))
+
+
+@given(request=requests(), mark=maintenances, data=st.data())
+def test_a_maintenance_mark_changes_no_step_of_the_protocol(
+    request: planner.Request, mark: Maintenance, data: st.DataObject
+) -> None:
+    """The same chain twice, every item the guard sees once without and once with a maintenance
+    mark: step for step the same (the mark aside), so maintenance is never taken for a termination,
+    never cleared, and never holds or releases anything."""
+    rules = policy()
+
+    def marked(value: Any) -> Any:
+        return each_state(value, lambda state: replace(state, maintenance=mark))
+
+    plain = planner.first_step(unmarked(request), rules)
+    drained = planner.first_step(marked(request), rules)
+    for _ in range(MAX_STEPS):
+        assert unmarked(drained.step) == plain.step
+        assert unmarked(drained.decision) == plain.decision
+        if isinstance(plain.step, planner.Done):
+            return
+        answer = unmarked(answer_for(plain.step, data.draw, request.instance_id))
+        plain = planner.next_step(plain, answer, rules)
+        drained = planner.next_step(drained, marked(answer), rules)
+    raise AssertionError(f"no end after {MAX_STEPS} steps: {plain}")
+
+
+@given(listing=listings, items=st.none() | tables(), mark=maintenances, data=st.data())
+def test_a_maintenance_mark_changes_no_tick_plan(
+    listing: dict[str, GroupInstance],
+    items: dict[str, BusyState] | None,
+    mark: Maintenance,
+    data: st.DataObject,
+) -> None:
+    rules = planner.TickPolicy(asg_names=GROUPS[:1], hook_name=HOOK, heartbeat_timeout=900, max_work=10)
+    items = unmarked(items)
+    drained_ids = data.draw(st.sets(st.sampled_from(sorted(items)))) if items else set()
+    drained = (
+        None
+        if items is None
+        else {i: replace(s, maintenance=mark) if i in drained_ids else s for i, s in items.items()}
+    )
+    others = {i: BusyState(i) for i in planner.plan_reads(listing, items, rules)}
+    assert planner.plan_reads(listing, drained, rules) == list(others)
+    plain = planner.plan_tick(listing, items, others, rules, NOW)
+    assert unmarked(planner.plan_tick(listing, drained, others, rules, NOW)) == plain
