@@ -21,6 +21,7 @@ help:
 	@echo "make synth  - cdk synth into cdk.out/ (no AWS credentials needed)"
 	@echo "make bench  - benchmarks in tests/bench/, figures printed"
 	@echo "make soak   - the model-based test of the whole system (tests/test_model.py), long profile"
+	@echo "              (BUSY_GUARD_MODEL_ENGINE=dynamodb-local: its table on DynamoDB Local, not moto)"
 
 define make_venv
 	@test -n "$(PYTHON)" || { echo 'make: no Python 3.11 or later found' >&2; exit 2; }
@@ -84,7 +85,7 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.bench
 
 # The model-based test with a long budget (make test runs it on a small one).
-soak: $(STAMP)
+soak: $(STAMP) $(NODE_STAMP)
 	BUSY_GUARD_MODEL_EXAMPLES=$${BUSY_GUARD_MODEL_EXAMPLES:-60} BUSY_GUARD_MODEL_STEPS=$${BUSY_GUARD_MODEL_STEPS:-80} \
 		$(BIN)/pytest -q -s tests/test_model.py
 

@@ -414,4 +414,4 @@ TestGuardModel = GuardModel.TestCase
 
 def test_model_report() -> None:
     """Runs after the machine (file order): what the examples did, for the note."""
-    print(f"\nmodel: {dict(sorted(STATS.items()))}")
+    print(f"\nmodel on {ENGINE}: {dict(sorted(STATS.items()))}")
