@@ -14,10 +14,9 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from _cdk_support import CDK_JSON, CONTEXT, ROOT, team_stack
 from aws_cdk import App, Stack
-from aws_cdk import aws_autoscaling as autoscaling
 from aws_cdk import aws_dynamodb as dynamodb
-from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk.assertions import Annotations, Match, Template
 
@@ -34,11 +33,6 @@ from busy_guard_infra.constants import ASSET_EXCLUDES
 from busy_guard_infra.constructs.guard import BusyGuard
 from busy_guard_infra.constructs.table import BusyTable
 from busy_guard_infra.constructs.writer_policy import WriterPolicy
-
-ROOT = Path(__file__).resolve().parents[1]
-CDK_JSON = json.loads((ROOT / "cdk.json").read_text())
-CONTEXT: dict[str, Any] = CDK_JSON["context"]
-FEATURE_FLAGS = {key: value for key, value in CONTEXT.items() if key.startswith("@aws-cdk")}
 
 STREAM_ARN = (
     "arn:aws:dynamodb:eu-west-1:123456789012:table/busy_guard.instance_busy/stream/2024-01-01T00:00:00.000"
@@ -95,24 +89,7 @@ def custom(custom_stack: Stack) -> Template:
 @pytest.fixture(scope="module")
 def team() -> Template:
     """A team's own stack: its AutoScalingGroup object, guarded with the constructs directly."""
-    app = App(context=FEATURE_FLAGS)
-    stack = Stack(app, "TeamStack")
-    vpc = ec2.Vpc.from_vpc_attributes(
-        stack,
-        "Vpc",
-        vpc_id="vpc-0123456789abcdef0",
-        availability_zones=["eu-west-1a"],
-        public_subnet_ids=["subnet-0123456789abcdef0"],
-        public_subnet_route_table_ids=["rtb-0123456789abcdef0"],
-    )
-    group = autoscaling.AutoScalingGroup(
-        stack,
-        "GraphDb",
-        vpc=vpc,
-        vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PUBLIC),
-        instance_type=ec2.InstanceType("t4g.small"),
-        machine_image=ec2.MachineImage.generic_linux({"eu-west-1": "ami-0123456789abcdef0"}),
-    )
+    stack, group = team_stack()
     table = BusyTable(stack, "BusyTable", table_name="team.instance_busy").table
     BusyGuard(
         stack,

@@ -16,6 +16,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from _cdk_support import AMI, CONTEXT, FEATURE_FLAGS, ROOT, team_stack
 from aws_cdk import App, CfnAutoScalingReplacingUpdate, CfnUpdatePolicy, Environment, Stack
 from aws_cdk import aws_autoscaling as autoscaling
 from aws_cdk import aws_ec2 as ec2
@@ -31,11 +32,8 @@ from busy_guard_infra.constructs.guard import BusyGuard
 from busy_guard_infra.constructs.table import BusyTable
 from busy_guard_infra.stack import BusyGuardStack
 
-ROOT = Path(__file__).resolve().parents[1]
-CONTEXT: dict[str, Any] = json.loads((ROOT / "cdk.json").read_text())["context"]
-FEATURE_FLAGS = {key: value for key, value in CONTEXT.items() if key.startswith("@aws-cdk")}
 NAG = Match.string_like_regexp("(AwsSolutions|Serverless)-.*")
-AMI_BEFORE = "ami-0123456789abcdef0"
+AMI_BEFORE = AMI
 AMI_AFTER = "ami-0fedcba9876543210"
 PARTITIONS = {"aws": "eu-west-1", "aws-cn": "cn-north-1", "aws-us-gov": "us-gov-west-1"}
 
@@ -66,29 +64,6 @@ def nag_findings(stack: Stack) -> list[Any]:
 
 
 # --- a team's stack with one group per update policy ----------------------------------------------
-def team_stack(**group_options: Any) -> tuple[Stack, autoscaling.AutoScalingGroup]:
-    app = App(context=FEATURE_FLAGS)
-    stack = Stack(app, "TeamStack")
-    vpc = ec2.Vpc.from_vpc_attributes(
-        stack,
-        "Vpc",
-        vpc_id="vpc-0123456789abcdef0",
-        availability_zones=["eu-west-1a"],
-        public_subnet_ids=["subnet-0123456789abcdef0"],
-        public_subnet_route_table_ids=["rtb-0123456789abcdef0"],
-    )
-    group = autoscaling.AutoScalingGroup(
-        stack,
-        "GraphDb",
-        vpc=vpc,
-        vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PUBLIC),
-        instance_type=ec2.InstanceType("t4g.small"),
-        machine_image=ec2.MachineImage.generic_linux({"eu-west-1": AMI_BEFORE}),
-        **group_options,
-    )
-    return stack, group
-
-
 def guard(stack: Stack, group: autoscaling.IAutoScalingGroup, **options: Any) -> BusyGuard:
     table = BusyTable(stack, "BusyTable", table_name="team.instance_busy").table
     return BusyGuard(stack, "BusyGuard", table=table, groups=[group], **options)
