@@ -129,6 +129,26 @@ INSTANCE_ID_PATTERN: Final = r"^i-(?:[0-9a-f]{8}|[0-9a-f]{17})$"
 """An EC2 instance id: ``i-`` and 8 hex digits (before 2016) or 17. The writer, the CLI and the guard's
 event model check ids against it (``identity.validate_instance_id``)."""
 
+# --- how items are keyed (issue: one instance can't touch another's work) -------------------------
+KEY_SCHEME_ISOLATED: Final = "isolated"
+"""Items keyed by the instance ARN, which IAM can name: the writers' policy lets each instance
+update only the item keyed ``${ec2:SourceInstanceARN}`` (``dynamodb:LeadingKeys``)."""
+KEY_SCHEME_LEGACY: Final = "legacy"
+"""Items keyed by the bare instance id, as the replaced system wrote them: any writer can touch any
+item. For an imported table until it is migrated."""
+KEY_SCHEMES: Final = (KEY_SCHEME_ISOLATED, KEY_SCHEME_LEGACY)
+DEFAULT_KEY_SCHEME: Final = KEY_SCHEME_ISOLATED
+DEFAULT_READ_LEGACY_KEYS: Final = True
+"""Under the isolated scheme, also read the item keyed by the bare id (the replaced system's, or a
+legacy writer's) and count its work, until no such item can hold live work."""
+DEFAULT_PARTITION: Final = "aws"
+INSTANCE_ARN_PATTERN: Final = (
+    r"^arn:(?P<partition>aws[a-z-]*):ec2:(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+):(?P<account>\d{12})"
+    r":instance/(?P<instance_id>i-(?:[0-9a-f]{8}|[0-9a-f]{17}))$"
+)
+"""An EC2 instance ARN, ``arn:PARTITION:ec2:REGION:ACCOUNT:instance/ID``: what ``${ec2:SourceInstanceARN}``
+resolves to for a request signed with an instance profile's credentials."""
+
 # --- what the guard tells people (EventBridge) -----------------------------------------------------
 EVENT_SOURCE: Final = "busy-guard"
 EVENT_BUS: Final = "default"
@@ -172,8 +192,12 @@ class Env:
     TICK_CONCURRENCY: Final = "BUSY_GUARD_TICK_CONCURRENCY"
     ACCOUNT_ID: Final = "BUSY_GUARD_ACCOUNT_ID"  # the stack's own account: events from others are ignored
     OBSERVE_ONLY: Final = "BUSY_GUARD_OBSERVE_ONLY"  # decide and log, never hold ("true"/"false")
+    KEY_SCHEME: Final = "BUSY_GUARD_KEY_SCHEME"  # "isolated" or "legacy"; also the CLI and the writer
+    READ_LEGACY_KEYS: Final = "BUSY_GUARD_READ_LEGACY_KEYS"  # "true"/"false"; also the CLI
+    PARTITION: Final = "BUSY_GUARD_PARTITION"  # the stack's partition, for instance ARNs; also the CLI
     # the writer library (and `busy-guard run`)
     INSTANCE_ID: Final = "BUSY_GUARD_INSTANCE_ID"
+    INSTANCE_ARN: Final = "BUSY_GUARD_INSTANCE_ARN"  # the isolated scheme's key, where IMDS can't tell it
     ENDPOINT_URL: Final = "BUSY_GUARD_ENDPOINT_URL"
 
     # the sandbox and the tests: where DynamoDB Local's jar is, if not in node_modules
