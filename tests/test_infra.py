@@ -30,7 +30,7 @@ from busy_guard_infra.config import (
     max_wait_limit_seconds,
 )
 from busy_guard_infra.constants import ASSET_EXCLUDES
-from busy_guard_infra.constructs.guard import BusyGuard
+from busy_guard_infra.constructs.guard import PARTITION_NAME_MAX_LENGTH, BusyGuard, size_problems
 from busy_guard_infra.constructs.table import BusyTable
 from busy_guard_infra.constructs.writer_policy import WriterPolicy
 
@@ -225,6 +225,19 @@ def test_defaults_apply_to_missing_keys() -> None:
         ({"removalPolicy": "SNAPSHOT"}, r"removalPolicy must be one of RETAIN, DESTROY"),
         ({"alarmTopicArn": "ops-alarms"}, r"alarmTopicArn must be an SNS topic ARN"),
         ({"stackName": "1-bad"}, r"stackName must start with a letter"),
+        ({"keyScheme": "arn"}, r"keyScheme must be one of isolated, legacy; got 'arn'"),
+        ({"keyScheme": 7}, r"keyScheme must be one of isolated, legacy; got 7"),
+        ({"readLegacyKeys": "sometimes"}, r"readLegacyKeys must be true or false; got 'sometimes'"),
+        (
+            {"keyScheme": "legacy", "readLegacyKeys": "true"},
+            r"readLegacyKeys can't be true with keyScheme=legacy: legacy items are keyed by the bare "
+            r"instance id already",
+        ),
+        (
+            # an imported table defaults to legacy, so readLegacyKeys=true needs keyScheme=isolated
+            {"importTable": True, "tableStreamArn": STREAM_ARN, "readLegacyKeys": True},
+            r"readLegacyKeys can't be true with keyScheme=legacy",
+        ),
     ],
 )
 def test_each_invalid_value_is_refused_naming_its_key_and_range(
@@ -250,6 +263,43 @@ def test_max_wait_limit_is_one_heartbeat_under_min_of_100_heartbeats_and_48_hour
 def test_the_construct_validates_its_settings_too() -> None:
     with pytest.raises(ConfigError, match="heartbeatTimeoutSeconds must be between 180 and 7200 s"):
         GuardSettings(heartbeat_timeout_seconds=60)
+
+
+def test_the_key_scheme_defaults_by_table_and_an_explicit_value_wins() -> None:
+    imported = {"importTable": True, "tableStreamArn": STREAM_ARN}
+    created = config_from().settings
+    assert (created.key_scheme, created.reads_legacy_keys) == ("isolated", True)
+    legacy = config_from(**imported).settings  # the replaced system's bare-id items until migrated
+    assert (legacy.key_scheme, legacy.reads_legacy_keys) == ("legacy", False)
+    # the migration's steps on the imported table, in the string forms -c gives
+    step_2 = config_from(**imported, keyScheme="isolated").settings
+    assert (step_2.key_scheme, step_2.reads_legacy_keys) == ("isolated", True)
+    step_3 = config_from(**imported, keyScheme=" Isolated ", readLegacyKeys="false").settings
+    assert (step_3.key_scheme, step_3.reads_legacy_keys) == ("isolated", False)
+    explicit_legacy = config_from(keyScheme="legacy", readLegacyKeys=False).settings
+    assert (explicit_legacy.key_scheme, explicit_legacy.reads_legacy_keys) == ("legacy", False)
+    # a context without the keys at all (not even cdk.json's empty values) defaults the same way
+    assert BusyGuardConfig.from_context({"asgNames": ["g"]}.get).settings.key_scheme == "isolated"
+    assert BusyGuardConfig.from_context({"asgNames": ["g"], **imported}.get).settings.key_scheme == "legacy"
+
+
+def test_the_construct_takes_the_key_scheme_keyword_only_with_the_same_checks() -> None:
+    assert GuardSettings().key_scheme == "isolated"
+    assert GuardSettings(key_scheme="legacy").reads_legacy_keys is False
+    assert GuardSettings(read_legacy_keys=False).reads_legacy_keys is False
+    with pytest.raises(ConfigError, match="readLegacyKeys can't be true with keyScheme=legacy"):
+        GuardSettings(key_scheme="legacy", read_legacy_keys=True)
+    with pytest.raises(ConfigError, match="keyScheme must be one of isolated, legacy; got 'ISOLATED'"):
+        GuardSettings(key_scheme="ISOLATED")  # type: ignore[arg-type]
+
+
+def test_a_bad_key_scheme_fails_synth_naming_the_key(capsys: pytest.CaptureFixture[str]) -> None:
+    app_module = load_app_module()
+    assert app_module.main({**CONTEXT, "keyScheme": "arn", "readLegacyKeys": "true"}) == 1
+    error = capsys.readouterr().err
+    assert "keyScheme must be one of isolated, legacy; got 'arn'" in error
+    assert app_module.main({**CONTEXT, "keyScheme": "legacy", "readLegacyKeys": "true"}) == 1
+    assert "readLegacyKeys can't be true with keyScheme=legacy" in capsys.readouterr().err
 
 
 def test_invalid_context_fails_synth_with_its_message(capsys: pytest.CaptureFixture[str]) -> None:
@@ -329,6 +379,9 @@ def test_function_environment_is_the_handlers_contract(template: Template) -> No
         "BUSY_GUARD_RELEASED_TTL_SECONDS": "604800",
         "BUSY_GUARD_ACCOUNT_ID": {"Ref": "AWS::AccountId"},
         "BUSY_GUARD_OBSERVE_ONLY": "false",
+        "BUSY_GUARD_KEY_SCHEME": "isolated",
+        "BUSY_GUARD_READ_LEGACY_KEYS": "true",
+        "BUSY_GUARD_PARTITION": {"Ref": "AWS::Partition"},
         "POWERTOOLS_SERVICE_NAME": "busy-guard",
         "POWERTOOLS_METRICS_NAMESPACE": "BusyGuard",
         "POWERTOOLS_LOG_LEVEL": "INFO",
@@ -344,6 +397,7 @@ def test_the_handlers_own_config_accepts_the_synthesized_environment(
             **environment(synthesized),
             "BUSY_GUARD_TABLE": "busy_guard.instance_busy",
             "BUSY_GUARD_ACCOUNT_ID": "123456789012",  # what CloudFormation resolves AWS::AccountId to
+            "BUSY_GUARD_PARTITION": "aws",  # and AWS::Partition
         }
         config = guard_config.GuardConfig.from_env(env)
         assert ",".join(config.asg_names) == env["BUSY_GUARD_ASG_NAMES"]
@@ -655,16 +709,31 @@ def managed_policy(template: Template, prefix: str) -> tuple[str, dict[str, Any]
     return found
 
 
-def test_writer_policy_is_update_item_on_the_table_only_and_exported(template: Template) -> None:
-    writer_id, policy = managed_policy(template, "WriterPolicy")
-    assert policy["Properties"]["PolicyDocument"]["Statement"] == [
-        {
-            "Sid": "BusyGuardLeaseWrites",
-            "Effect": "Allow",
-            "Action": "dynamodb:UpdateItem",
-            "Resource": {"Fn::GetAtt": [logical_id(template, "AWS::DynamoDB::Table"), "Arn"]},
-        }
-    ]
+OWN_ITEM_ONLY = {"ForAllValues:StringEquals": {"dynamodb:LeadingKeys": ["${ec2:SourceInstanceARN}"]}}
+
+
+def writer_statements(template: Template, prefix: str = "WriterPolicy") -> dict[str, dict[str, Any]]:
+    _, policy = managed_policy(template, prefix)
+    document = policy["Properties"]["PolicyDocument"]
+    assert document["Version"] == "2012-10-17"  # policy variables need it
+    return {statement["Sid"]: statement for statement in document["Statement"]}
+
+
+def guard_table_arn(template: Template) -> Any:
+    return guard_statement(template, "dynamodb:Scan")["Resource"]
+
+
+def test_writer_policy_is_update_item_on_the_own_item_only_and_exported(template: Template) -> None:
+    """Isolated (a created table): an instance's credentials update only the item keyed by its ARN."""
+    writer_id, _ = managed_policy(template, "WriterPolicy")
+    table_arn = {"Fn::GetAtt": [logical_id(template, "AWS::DynamoDB::Table"), "Arn"]}
+    assert writer_statements(template)["BusyGuardLeaseWrites"] == {
+        "Sid": "BusyGuardLeaseWrites",
+        "Effect": "Allow",
+        "Action": "dynamodb:UpdateItem",
+        "Resource": table_arn,
+        "Condition": OWN_ITEM_ONLY,
+    }
     template.has_output(
         "WriterPolicyArn",
         {
@@ -679,6 +748,87 @@ def test_writer_policy_is_update_item_on_the_table_only_and_exported(template: T
             "Export": {"Name": "BusyGuard-TableName"},
         },
     )
+
+
+def test_writers_are_refused_plain_http_under_both_schemes(template: Template, custom: Template) -> None:
+    created_arn = {"Fn::GetAtt": [logical_id(template, "AWS::DynamoDB::Table"), "Arn"]}
+    imported_arn = guard_table_arn(custom)
+    imported_prefix = imported_arn["Fn::Join"][1][:-1]  # CDK flattens the imported ARN + "/*"
+    imported_children = {"Fn::Join": ["", [*imported_prefix, ":table/busy_guard.instance_busy/*"]]}
+    for synthesized, table_arn, children in (
+        (template, created_arn, {"Fn::Join": ["", [created_arn, "/*"]]}),
+        (custom, imported_arn, imported_children),
+    ):
+        assert writer_statements(synthesized)["DenyPlainHttp"] == {
+            "Sid": "DenyPlainHttp",
+            "Effect": "Deny",
+            "Action": "dynamodb:*",
+            "Resource": [table_arn, children],  # the table, and its stream and indexes
+            "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+        }
+
+
+def test_the_legacy_scheme_has_no_leading_keys_condition_and_says_so(custom: Template) -> None:
+    """An imported table defaults to legacy: bare ids, which no IAM condition can name."""
+    _, policy = managed_policy(custom, "WriterPolicy")
+    lease_writes = writer_statements(custom)["BusyGuardLeaseWrites"]
+    assert lease_writes["Action"] == "dynamodb:UpdateItem"
+    assert lease_writes["Resource"] == guard_table_arn(custom)
+    assert "Condition" not in lease_writes
+    assert "any writer can update any instance's item" in policy["Properties"]["Description"]
+    assert "LeadingKeys" not in json.dumps(custom.to_json())
+
+
+def test_the_key_scheme_is_an_output_for_the_writers_deploys(template: Template, custom: Template) -> None:
+    template.has_output("KeyScheme", {"Value": "isolated", "Export": {"Name": "BusyGuard-KeyScheme"}})
+    custom.has_output("KeyScheme", {"Value": "legacy"})
+
+
+@pytest.fixture(scope="module")
+def migrated() -> Template:
+    """Migration step 3 on the imported table: isolated, bare-id items no longer read."""
+    _, stack = build_app({**CUSTOM, "keyScheme": "isolated", "readLegacyKeys": "false"})
+    return Template.from_stack(stack)
+
+
+def condition_check_statements(template: Template) -> list[dict[str, Any]]:
+    return [s for s in statements(template) if "dynamodb:ConditionCheckItem" in actions_of(s)]
+
+
+def test_condition_check_item_only_while_legacy_keys_are_read(
+    template: Template, custom: Template, migrated: Template
+) -> None:
+    """The release proves the bare-id companion idle in its TransactWriteItems (a ConditionCheck)."""
+    (check,) = condition_check_statements(template)
+    assert actions_of(check) == {"dynamodb:ConditionCheckItem"}
+    assert check["Resource"] == {"Fn::GetAtt": [logical_id(template, "AWS::DynamoDB::Table"), "Arn"]}
+    assert condition_check_statements(custom) == []  # legacy
+    assert condition_check_statements(migrated) == []  # isolated, readLegacyKeys=false
+
+
+def test_the_function_is_told_the_key_scheme(custom: Template, migrated: Template) -> None:
+    scheme = ("BUSY_GUARD_KEY_SCHEME", "BUSY_GUARD_READ_LEGACY_KEYS")
+    legacy, isolated = environment(custom), environment(migrated)
+    assert (legacy[scheme[0]], legacy[scheme[1]]) == ("legacy", "false")
+    assert (isolated[scheme[0]], isolated[scheme[1]]) == ("isolated", "false")
+    assert isolated["BUSY_GUARD_PARTITION"] == {"Ref": "AWS::Partition"}
+    # an explicit scheme wins over the imported table's default, in the writers' policy too
+    assert writer_statements(migrated)["BusyGuardLeaseWrites"]["Condition"] == OWN_ITEM_ONLY
+    migrated.has_output("KeyScheme", {"Value": "isolated"})
+
+
+def test_the_environment_size_counts_an_unresolved_partition_at_its_bound() -> None:
+    """Synth refuses an environment over Lambda's 4 KB: a partition token counts 32 bytes, not 255."""
+    partition = Stack(App(), "Sizes").partition
+    base = {"BUSY_GUARD_ASG_NAMES": "g", "BUSY_GUARD_PARTITION": partition, "FILLER": ""}
+    used = sum(len(key) for key in base) + len("g") + PARTITION_NAME_MAX_LENGTH
+    at_limit = {**base, "FILLER": "x" * (4096 - used)}
+    assert size_problems(["g"], at_limit, hook_name="h") == ([], [])
+    errors, _ = size_problems(["g"], {**at_limit, "FILLER": at_limit["FILLER"] + "x"}, hook_name="h")
+    assert errors == [
+        "the guard function's environment would be 4097 bytes, over AWS's limit of 4096: "
+        "guard fewer groups per stack, or shorter names"
+    ]
 
 
 # --- alarms ----------------------------------------------------------------------------------------

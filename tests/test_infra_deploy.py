@@ -201,6 +201,20 @@ def test_the_example_wires_the_writer_policy_to_the_instance_role(
         r for r in template.find_resources("AWS::IAM::Role").values() if "ec2.amazonaws.com" in json.dumps(r)
     ]
     assert role["Properties"]["ManagedPolicyArns"] == [{"Ref": writers_id}]
+    # a new table: the isolated scheme, each instance's credentials on its own item only
+    (lease_writes,) = [
+        statement
+        for statement in policies[writers_id]["Properties"]["PolicyDocument"]["Statement"]
+        if statement["Effect"] == "Allow"
+    ]
+    assert lease_writes["Action"] == "dynamodb:UpdateItem"
+    assert lease_writes["Condition"] == {
+        "ForAllValues:StringEquals": {"dynamodb:LeadingKeys": ["${ec2:SourceInstanceARN}"]}
+    }
+    (guard_function,) = template.find_resources(
+        "AWS::Lambda::Function", {"Properties": {"Handler": "busy_guard.guard.handler.handler"}}
+    ).values()
+    assert guard_function["Properties"]["Environment"]["Variables"]["BUSY_GUARD_KEY_SCHEME"] == "isolated"
 
 
 def test_the_example_is_clean_for_cdk_nag_and_cfn_lint(
@@ -235,9 +249,11 @@ def test_the_stack_synthesizes_for_each_partition_without_lookups_or_foreign_arn
     literal_partitions = set(re.findall(r"arn:(aws[a-z-]*):", text))
     assert literal_partitions <= {partition}, literal_partitions
     assert "017000801446" not in text  # no public layer account, which differs by partition
-    _function_id, function = only(template, "AWS::Lambda::Function")
+    _, function = only(template, "AWS::Lambda::Function")
     layer_id, _ = only(template, "AWS::Lambda::LayerVersion")
     assert function["Properties"]["Layers"] == [{"Ref": layer_id}]
+    # the guard builds the isolated scheme's keys, arn:PARTITION:ec2:..., from the stack's own partition
+    assert function["Properties"]["Environment"]["Variables"]["BUSY_GUARD_PARTITION"] == partition
     assert lint_errors(template, PARTITIONS[partition]) == []
     assert not (ROOT / "cdk.context.json").exists()  # nothing was looked up
 

@@ -99,7 +99,9 @@ class GuardedGroupStack(Stack):
             groups=[self.group],
             settings=GuardSettings(max_wait_seconds=6 * 3600),
         )
-        instance_role.add_managed_policy(WriterPolicy(self, "Writers", table=table).policy)
+        # A new table: the isolated scheme, each instance on its own item (the guard's default too).
+        writers = WriterPolicy(self, "Writers", table=table, key_scheme=self.guard.settings.key_scheme)
+        instance_role.add_managed_policy(writers.policy)
         Annotations.of(self).acknowledge_warning(
             "busy-guard:no-alarm-topic", "the example has no one to notify; pass alarm_topic in yours"
         )

@@ -15,12 +15,15 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 from busy_guard import settings as S
 
 HookResult = Literal["CONTINUE", "ABANDON"]
 RemovalPolicyName = Literal["RETAIN", "DESTROY"]
+KeyScheme = Literal["isolated", "legacy"]
+
+_T = TypeVar("_T")
 
 HOOK_RESULTS: Final = ("CONTINUE", "ABANDON")
 REMOVAL_POLICIES: Final = ("RETAIN", "DESTROY")
@@ -65,9 +68,17 @@ class ContextKey:
     REMOVAL_POLICY: Final = "removalPolicy"
     ALARM_TOPIC_ARN: Final = "alarmTopicArn"
     RESERVED_CONCURRENCY: Final = "reservedConcurrency"
+    KEY_SCHEME: Final = "keyScheme"
+    READ_LEGACY_KEYS: Final = "readLegacyKeys"
 
 
 K = ContextKey
+
+BY_TABLE: Final = ""
+"""``keyScheme`` and ``readLegacyKeys`` unset (cdk.json's value): each takes the default that fits the
+table. A created table is new, so ``isolated`` (with ``readLegacyKeys`` at
+``settings.DEFAULT_READ_LEGACY_KEYS``); an imported table holds the replaced system's bare-id items
+until it is migrated, so ``legacy``. A value in cdk.json itself would override that choice for both."""
 
 DEFAULTS: Final[dict[str, Any]] = {
     K.STACK_NAME: "BusyGuard",
@@ -86,8 +97,16 @@ DEFAULTS: Final[dict[str, Any]] = {
     K.REMOVAL_POLICY: "RETAIN",
     K.ALARM_TOPIC_ARN: "",
     K.RESERVED_CONCURRENCY: S.DEFAULT_RESERVED_CONCURRENCY,
+    K.KEY_SCHEME: BY_TABLE,
+    K.READ_LEGACY_KEYS: BY_TABLE,
 }
-"""Every key's default except ``asgNames``, which has none: the app refuses to guard nothing."""
+"""Every key's default except ``asgNames``, which has none: the app refuses to guard nothing.
+``keyScheme`` and ``readLegacyKeys`` default by table (``BY_TABLE``)."""
+
+
+def default_key_scheme(*, import_table: bool) -> KeyScheme:
+    """``legacy`` for an imported table (the replaced system's bare-id items), else ``isolated``."""
+    return S.KEY_SCHEME_LEGACY if import_table else S.DEFAULT_KEY_SCHEME
 
 
 class ConfigError(ValueError):
@@ -123,14 +142,40 @@ class GuardSettings:
     reserved_concurrency: int = DEFAULTS[K.RESERVED_CONCURRENCY]
     observe_only: bool = DEFAULTS[K.OBSERVE_ONLY]
     """Trial mode: the guard decides, logs and counts, and completes every termination at once."""
+    key_scheme: KeyScheme = S.DEFAULT_KEY_SCHEME
+    """How items are keyed: ``isolated`` (the instance ARN; each writer can update only its own item) or
+    ``legacy`` (the bare instance id, as the replaced system wrote them; any writer can touch any item).
+    The construct can't tell an imported table from a new one: pass ``legacy`` for a table that still
+    holds the replaced system's items."""
+    read_legacy_keys: bool | None = None
+    """Under ``isolated``, also count the work of the bare-id item of each instance (a legacy writer's)
+    until none can hold live work. None: ``settings.DEFAULT_READ_LEGACY_KEYS`` under ``isolated``, and
+    off under ``legacy``, where there is no other key to read (True there is refused)."""
 
     def __post_init__(self) -> None:
         problems = self.problems()
         if problems:
             raise ConfigError(problems)
 
+    @property
+    def reads_legacy_keys(self) -> bool:
+        """Whether the guard also reads the bare-id companion items: ``read_legacy_keys`` resolved."""
+        if self.key_scheme != S.KEY_SCHEME_ISOLATED:
+            return False
+        return S.DEFAULT_READ_LEGACY_KEYS if self.read_legacy_keys is None else self.read_legacy_keys
+
     def problems(self) -> list[str]:
         problems: list[str] = []
+        if self.key_scheme not in S.KEY_SCHEMES:
+            problems.append(
+                f"{K.KEY_SCHEME} must be one of {', '.join(S.KEY_SCHEMES)}; got {self.key_scheme!r}"
+            )
+        elif self.key_scheme == S.KEY_SCHEME_LEGACY and self.read_legacy_keys:
+            problems.append(
+                f"{K.READ_LEGACY_KEYS} can't be true with {K.KEY_SCHEME}={S.KEY_SCHEME_LEGACY}: legacy items "
+                f"are keyed by the bare instance id already, so there is no other key to read. It is the "
+                f"migration step for {K.KEY_SCHEME}={S.KEY_SCHEME_ISOLATED}; remove it or set it to false"
+            )
         if not _HOOK_NAME.fullmatch(self.hook_name):
             problems.append(
                 f"{K.HOOK_NAME} must be 1 to 255 characters of A-Z a-z 0-9 - _ / "
@@ -263,6 +308,7 @@ class BusyGuardConfig:
         """
         reader = _Reader(get)
         names = reader.names(K.ASG_NAMES)
+        import_table = reader.flag(K.IMPORT_TABLE)
         settings_values = {
             "hook_name": reader.text(K.HOOK_NAME),
             "heartbeat_timeout_seconds": reader.seconds(K.HEARTBEAT_TIMEOUT),
@@ -274,11 +320,14 @@ class BusyGuardConfig:
             "released_ttl_seconds": reader.seconds(K.RELEASED_TTL),
             "reserved_concurrency": reader.whole(K.RESERVED_CONCURRENCY),
             "observe_only": reader.flag(K.OBSERVE_ONLY),
+            "key_scheme": reader.unless_by_table(K.KEY_SCHEME, reader.scheme)
+            or default_key_scheme(import_table=import_table),
+            "read_legacy_keys": reader.unless_by_table(K.READ_LEGACY_KEYS, reader.flag),
         }
         app_values = {
             "stack_name": reader.text(K.STACK_NAME),
             "table_name": reader.text(K.TABLE_NAME),
-            "import_table": reader.flag(K.IMPORT_TABLE),
+            "import_table": import_table,
             "table_stream_arn": reader.text(K.TABLE_STREAM_ARN) or None,
             "removal_policy": reader.choice(K.REMOVAL_POLICY, REMOVAL_POLICIES),
             "alarm_topic_arn": reader.text(K.ALARM_TOPIC_ARN) or None,
@@ -347,6 +396,22 @@ class _Reader:
             return value.strip().upper()
         self.problems.append(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
         return DEFAULTS[key]
+
+    def scheme(self, key: str) -> str:
+        """A key scheme: lower case, unlike ``choice``'s upper-case names. A bad value is kept, so that
+        ``GuardSettings`` names it with the allowed values."""
+        value = self._raw(key)
+        if isinstance(value, str):
+            return value.strip().lower()
+        self.problems.append(f"{key} must be one of {', '.join(S.KEY_SCHEMES)}; got {value!r}")
+        return S.DEFAULT_KEY_SCHEME
+
+    def unless_by_table(self, key: str, read: Callable[[str], _T]) -> _T | None:
+        """None when ``key`` is unset (missing, or ``BY_TABLE`` as cdk.json has it), else ``read(key)``."""
+        value = self._raw(key)
+        if value is None or (isinstance(value, str) and value.strip() == BY_TABLE):
+            return None
+        return read(key)
 
     def names(self, key: str) -> tuple[str, ...]:
         """A JSON list (``cdk.json``), or a string: a JSON list or comma-separated names (``-c``)."""

@@ -11,6 +11,7 @@ from aws_cdk import aws_sns as sns
 from constructs import Construct
 
 from busy_guard_infra.config import BusyGuardConfig
+from busy_guard_infra.constants import Env
 from busy_guard_infra.constructs.guard import BusyGuard
 from busy_guard_infra.constructs.table import BusyTable
 from busy_guard_infra.constructs.writer_policy import WriterPolicy
@@ -54,7 +55,9 @@ class BusyGuardStack(Stack):
             alarm_topic=alarm_topic,
             log_removal_policy=removal_policy,
         )
-        self.writer_policy = WriterPolicy(self, "WriterPolicy", table=self.table)
+        self.writer_policy = WriterPolicy(
+            self, "WriterPolicy", table=self.table, key_scheme=config.settings.key_scheme
+        )
 
         CfnOutput(
             self,
@@ -69,6 +72,16 @@ class BusyGuardStack(Stack):
             description="Attach to the instance role of every guarded group's application",
             value=self.writer_policy.policy.managed_policy_arn,
             export_name=f"{self.stack_name}-WriterPolicyArn",
+        )
+        CfnOutput(
+            self,
+            "KeyScheme",
+            description=(
+                "How the table's items are keyed (isolated: instance ARN; legacy: bare instance id): "
+                f"{Env.KEY_SCHEME} for the writer library"
+            ),
+            value=config.settings.key_scheme,
+            export_name=f"{self.stack_name}-KeyScheme",
         )
         CfnOutput(
             self,

@@ -60,6 +60,15 @@ TABLE_ACTIONS = ("dynamodb:BatchGetItem", "dynamodb:UpdateItem", "dynamodb:Scan"
 """The guard's look and release are UpdateItems; the schedule tick scans for marked items and reads
 the others in batches (BatchGetItem). No GetItem (the guard never reads one item alone: guard/table.py's
 ``get`` is the CLI's), no PutItem, no DeleteItem: TTL deletes."""
+LEGACY_COMPANION_ACTIONS = ("dynamodb:ConditionCheckItem",)
+"""Only under the isolated scheme with ``readLegacyKeys``: the guard's release is one TransactWriteItems,
+an Update of the instance's ARN item and a ConditionCheck that its bare-id companion item holds no live
+work. The Update is governed by ``dynamodb:UpdateItem`` (already in TABLE_ACTIONS); the ConditionCheck
+needs ``dynamodb:ConditionCheckItem``. "Using IAM with DynamoDB transactions",
+https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/transaction-apis-iam.html: "Permissions
+for Put, Update, Delete, and Get actions are governed by the permissions used for the underlying PutItem,
+UpdateItem, DeleteItem, and GetItem operations. For the ConditionCheck action, you can use the
+dynamodb:ConditionCheckItem permission in IAM policies." TransactWriteItems itself is no IAM action."""
 LIFECYCLE_ACTIONS = ("autoscaling:CompleteLifecycleAction", "autoscaling:RecordLifecycleActionHeartbeat")
 DESCRIBE_ACTIONS = (
     "autoscaling:DescribeAutoScalingGroups",
@@ -112,6 +121,14 @@ QUEUE_NOT_REDRIVEN_REASON = (
 ASSUMED_TOKEN_NAME_LENGTH = S.GROUP_NAME_LENGTH[1]
 """A group name that is a token (a group created in the same app) is unknown at synth: its size is
 counted as the longest a name can be, and an overrun is a warning, not an error."""
+ACCOUNT_ID_LENGTH = 12
+PARTITION_NAME_MAX_LENGTH = 32
+"""The stack's partition (``AWS::Partition``) is a token at synth. Partition names are short (``aws``,
+``aws-cn``, ``aws-us-gov``, ``aws-iso-b``: 10 characters at most today); 32 leaves room for new ones
+without counting it at a table name's 255."""
+TOKEN_VALUE_LENGTHS = {S.Env.ACCOUNT_ID: ACCOUNT_ID_LENGTH, S.Env.PARTITION: PARTITION_NAME_MAX_LENGTH}
+"""Environment values that are tokens, counted at these lengths; any other token (the table name) at
+the longest table name."""
 
 
 def size_problems(
@@ -140,7 +157,7 @@ def size_problems(
         sizes[Env.ASG_NAMES] = len(",".join(group_names).encode())
         for key, value in environment.items():
             if key != Env.ASG_NAMES and Token.is_unresolved(value):
-                sizes[key] = 12 if key == Env.ACCOUNT_ID else S.TABLE_NAME_LENGTH[1]
+                sizes[key] = TOKEN_VALUE_LENGTHS.get(key, S.TABLE_NAME_LENGTH[1])
         return sum(len(key.encode()) for key in environment) + sum(sizes.values())
 
     checks = (
@@ -269,6 +286,11 @@ class BusyGuard(Construct):
             Env.RELEASED_TTL: str(settings.released_ttl_seconds),
             Env.ACCOUNT_ID: stack.account,
             Env.OBSERVE_ONLY: "true" if settings.observe_only else "false",
+            # The isolated scheme's keys are arn:PARTITION:ec2:REGION:ACCOUNT:instance/ID: the guard
+            # builds them from these, ACCOUNT_ID and Lambda's own AWS_REGION.
+            Env.KEY_SCHEME: settings.key_scheme,
+            Env.READ_LEGACY_KEYS: "true" if settings.reads_legacy_keys else "false",
+            Env.PARTITION: stack.partition,
             "POWERTOOLS_SERVICE_NAME": SERVICE_NAME,
             "POWERTOOLS_METRICS_NAMESPACE": METRICS_NAMESPACE,
             "POWERTOOLS_LOG_LEVEL": "INFO",
@@ -297,6 +319,15 @@ class BusyGuard(Construct):
 
         # --- least privilege -----------------------------------------------------------------------
         table.grant(self.role, *TABLE_ACTIONS)
+        if settings.reads_legacy_keys:
+            # The release's ConditionCheck on the bare-id companion item (LEGACY_COMPANION_ACTIONS).
+            self.role.add_to_principal_policy(
+                iam.PolicyStatement(
+                    sid="ProveLegacyCompanionIdle",
+                    actions=list(LEGACY_COMPANION_ACTIONS),
+                    resources=[table.table_arn],
+                )
+            )
         self.role.add_to_principal_policy(
             iam.PolicyStatement(
                 sid="GuardedHooksOnly",
