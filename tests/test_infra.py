@@ -817,6 +817,34 @@ def test_the_function_is_told_the_key_scheme(custom: Template, migrated: Templat
     migrated.has_output("KeyScheme", {"Value": "isolated"})
 
 
+@pytest.fixture(scope="module")
+def migrating() -> Template:
+    """Migration step 2 on the imported table: isolated, bare-id items still read and still written."""
+    _, stack = build_app({**CUSTOM, "keyScheme": "isolated"})
+    return Template.from_stack(stack)
+
+
+def test_while_migrating_writers_not_yet_rolled_keep_their_bare_id_leases(migrating: Template) -> None:
+    """ARN items stay each instance's own; bare-id items stay open until readLegacyKeys=false."""
+    lease_writes = writer_statements(migrating)["BusyGuardLeaseWrites"]
+    assert lease_writes["Condition"] == {
+        "ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["${ec2:SourceInstanceARN}", "i-*"]}
+    }
+    _, policy = managed_policy(migrating, "WriterPolicy")
+    assert "bare-id items open to every writer" in policy["Properties"]["Description"]
+    assert len(condition_check_statements(migrating)) == 1
+    assert environment(migrating)["BUSY_GUARD_READ_LEGACY_KEYS"] == "true"
+
+
+def test_the_writer_policy_refuses_an_unknown_scheme_or_legacy_writers_under_legacy() -> None:
+    stack = Stack(App(), "Writers")
+    table = BusyTable(stack, "Table").table
+    with pytest.raises(ValueError, match="key_scheme must be one of isolated, legacy; got 'arn'"):
+        WriterPolicy(stack, "Bad", table=table, key_scheme="arn")
+    with pytest.raises(ValueError, match="legacy_writers is the isolated scheme's migration step"):
+        WriterPolicy(stack, "Both", table=table, key_scheme="legacy", legacy_writers=True)
+
+
 def test_the_environment_size_counts_an_unresolved_partition_at_its_bound() -> None:
     """Synth refuses an environment over Lambda's 4 KB: a partition token counts 32 bytes, not 255."""
     partition = Stack(App(), "Sizes").partition

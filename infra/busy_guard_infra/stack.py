@@ -55,8 +55,14 @@ class BusyGuardStack(Stack):
             alarm_topic=alarm_topic,
             log_removal_policy=removal_policy,
         )
+        # An imported table migrating to the isolated scheme still has writers on bare ids until they are
+        # rolled: they keep their leases while the guard reads bare-id items (README, "Key schemes").
         self.writer_policy = WriterPolicy(
-            self, "WriterPolicy", table=self.table, key_scheme=config.settings.key_scheme
+            self,
+            "WriterPolicy",
+            table=self.table,
+            key_scheme=config.settings.key_scheme,
+            legacy_writers=config.import_table and config.settings.reads_legacy_keys,
         )
 
         CfnOutput(

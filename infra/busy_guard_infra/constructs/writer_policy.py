@@ -37,6 +37,16 @@ instance whose instance-profile credentials signed the request.
   version 2012-10-17, which every CDK policy document carries.
 """
 
+OWN_ITEM_OR_BARE_IDS = {
+    "ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["${ec2:SourceInstanceARN}", "i-*"]}
+}
+"""The isolated scheme while a migrated table's legacy writers still run (``legacy_writers=True``): an
+instance's own ARN item, or any bare-id item. ARN items stay each instance's own; bare-id items keep
+the legacy hole, because no IAM variable names a bare instance id and a writer not yet rolled to the
+isolated scheme must still begin, heartbeat and end its leases there. (Policy variables work with the
+string operators, StringLike included: IAM User Guide, "Condition element",
+https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_policies_variables.html.)"""
+
 TLS_ONLY = {"Bool": {"aws:SecureTransport": "false"}}
 
 
@@ -50,6 +60,10 @@ class WriterPolicy(Construct):
     - ``legacy``: items are keyed by bare instance ids, which no IAM condition can name, so any writer
       with this policy can update any instance's item (the replaced system's hole, kept for an imported
       table until it is migrated; README, "Key schemes and migrating a legacy table").
+    - ``isolated`` with ``legacy_writers=True``: the migration's middle step. ARN items as under
+      ``isolated``, and bare-id items (``i-*``) open to every writer as under ``legacy``, so writers not
+      yet rolled to ``BUSY_GUARD_KEY_SCHEME=isolated`` keep their leases. Turn it off with
+      ``readLegacyKeys=false``: the stack sets it only for an imported table while bare-id items are read.
 
     The table is encrypted with the AWS-managed key, so no KMS statement is needed. Attach it to the
     instance role of every group whose application code uses the writer library: by ARN (the stack
@@ -63,30 +77,36 @@ class WriterPolicy(Construct):
         *,
         table: dynamodb.ITable,
         key_scheme: str = S.DEFAULT_KEY_SCHEME,
+        legacy_writers: bool = False,
     ) -> None:
         super().__init__(scope, construct_id)
         if key_scheme not in S.KEY_SCHEMES:
             raise ValueError(f"key_scheme must be one of {', '.join(S.KEY_SCHEMES)}; got {key_scheme!r}")
-        self.key_scheme = key_scheme
         isolated = key_scheme == S.KEY_SCHEME_ISOLATED
+        if legacy_writers and not isolated:
+            raise ValueError(
+                "legacy_writers is the isolated scheme's migration step; legacy allows them anyway"
+            )
+        self.key_scheme = key_scheme
+        self.legacy_writers = legacy_writers
+        if not isolated:
+            condition, scope_text = None, "legacy bare-id keys: any writer can update any instance's item"
+        elif legacy_writers:
+            condition = OWN_ITEM_OR_BARE_IDS
+            scope_text = "each instance on its own ARN item; bare-id items open to every writer (migration)"
+        else:
+            condition, scope_text = OWN_ITEM_ONLY, "each instance on its own item (keyed by its instance ARN)"
         self.policy = iam.ManagedPolicy(
             self,
             "Policy",
-            description=(
-                "busy-guard writers: lease begin/heartbeat/end on the busy table (UpdateItem only), "
-                + (
-                    "each instance on its own item (keyed by its instance ARN)"
-                    if isolated
-                    else "legacy bare-id keys: any writer can update any instance's item"
-                )
-            ),
+            description=f"busy-guard writers: lease writes on the busy table (UpdateItem only), {scope_text}",
             statements=[
                 iam.PolicyStatement(
                     sid="BusyGuardLeaseWrites",
                     actions=list(WRITER_ACTIONS),
                     resources=[table.table_arn],
                     # See OWN_ITEM_ONLY for the AWS documentation this condition relies on.
-                    conditions=OWN_ITEM_ONLY if isolated else None,
+                    conditions=condition,
                 ),
                 iam.PolicyStatement(
                     sid="DenyPlainHttp",
