@@ -8,6 +8,7 @@ in any order.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ settings.register_profile("busy-guard", deadline=None, suppress_health_check=[He
 settings.load_profile("busy-guard")
 
 REGION = "us-east-1"
+# Most tests write items by hand, keyed by bare ids: they prove the protocol on the legacy key scheme,
+# module-scoped sandboxes included (hence set for the whole session, before any fixture). The isolated
+# scheme, every real deployment's default, runs end to end in tests/test_isolation.py, test_guard.py
+# and the demo's tests; ``isolated_keys`` opts any test in.
+os.environ["BUSY_GUARD_KEY_SCHEME"] = "legacy"
 BUSY_TABLE = "busy_guard.instance_busy"
 
 
@@ -41,8 +47,20 @@ def aws_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_REGION", REGION)
     monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    for name in ("BUSY_GUARD_INSTANCE_ID", "BUSY_GUARD_TABLE", "BUSY_GUARD_ENDPOINT_URL"):
+    for name in (
+        "BUSY_GUARD_INSTANCE_ID",
+        "BUSY_GUARD_TABLE",
+        "BUSY_GUARD_ENDPOINT_URL",
+        "BUSY_GUARD_INSTANCE_ARN",
+    ):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("BUSY_GUARD_KEY_SCHEME", "legacy")
+
+
+@pytest.fixture
+def isolated_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The isolated key scheme (items keyed by instance ARN), with legacy companions read."""
+    monkeypatch.setenv("BUSY_GUARD_KEY_SCHEME", "isolated")
 
 
 @pytest.fixture

@@ -284,7 +284,13 @@ def guard_on(world: World, **env: str) -> tuple[Guard, LifecycleHookEmulator]:
     emulator = LifecycleHookEmulator(world.autoscaling, ec2=ec2)
     emulator.attach(autoscaling)
     config = GuardConfig.from_env(
-        {"BUSY_GUARD_TABLE": TABLE, "BUSY_GUARD_ASG_NAMES": GROUP, "BUSY_GUARD_HOOK_NAME": HOOK, **env}
+        {
+            "BUSY_GUARD_TABLE": TABLE,
+            "BUSY_GUARD_ASG_NAMES": GROUP,
+            "BUSY_GUARD_HOOK_NAME": HOOK,
+            "BUSY_GUARD_KEY_SCHEME": "legacy",
+            **env,
+        }
     )
     table = BusyTable(session.client("dynamodb", endpoint_url=world.endpoint), TABLE)
     return Guard(table=table, hooks=LifecycleHooks(autoscaling, HOOK), config=config), emulator

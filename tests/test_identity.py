@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
 import logging
 import socket
 import threading
@@ -55,9 +56,12 @@ class _Imds(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.requests.append("GET " + self.path)
+        document = {"accountId": "210987654321", "region": "eu-west-3", "instanceId": self.instance_id}
         answers = {
             "/latest/meta-data/instance-id": self.instance_id.encode(),
             "/latest/meta-data/placement/region": b"eu-west-3",
+            "/latest/meta-data/services/partition": b"aws",
+            "/latest/dynamic/instance-identity/document": json.dumps(document).encode(),
         }
         ok = self.path in answers and self.headers.get("X-aws-ec2-metadata-token") == "TOKEN"
         self._answer(200 if ok else 401, answers.get(self.path, b""))
@@ -213,6 +217,22 @@ def test_a_malformed_imds_answer_counts_as_no_answer(
 def test_imds_is_used_by_the_writer(dynamodb: Any, busy_table: str, imds: list[str]) -> None:
     with instance_busy_sync(None, "k", table=busy_table, client=dynamodb) as lease:
         assert lease is not None and lease.instance_id == IMDS_ID
+
+
+def test_the_isolated_scheme_leases_on_the_arn_imds_names(
+    dynamodb: Any, busy_table: str, imds: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On EC2 the writer needs nothing but the table: its item's key (the ARN IAM compares with
+    ``${ec2:SourceInstanceARN}``) is built from the identity document and the partition, once."""
+    monkeypatch.setenv("BUSY_GUARD_KEY_SCHEME", "isolated")
+    expected = f"arn:aws:ec2:eu-west-3:210987654321:instance/{IMDS_ID}"
+    for _ in range(2):
+        with instance_busy_sync(None, "k", table=busy_table, client=dynamodb) as lease:
+            assert lease is not None and (lease.instance_id, lease.key) == (IMDS_ID, expected)
+            item = dynamodb.get_item(TableName=busy_table, Key={"instance_id": {"S": expected}})["Item"]
+            assert lease.lease_id in item["leases"]["M"]
+    assert imds.count("GET /latest/dynamic/instance-identity/document") == 1  # cached
+    assert "GET /latest/meta-data/services/partition" in imds
 
 
 def test_region_comes_from_imds_when_nothing_else_sets_it(

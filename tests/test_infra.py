@@ -398,9 +398,16 @@ def test_the_handlers_own_config_accepts_the_synthesized_environment(
             "BUSY_GUARD_TABLE": "busy_guard.instance_busy",
             "BUSY_GUARD_ACCOUNT_ID": "123456789012",  # what CloudFormation resolves AWS::AccountId to
             "BUSY_GUARD_PARTITION": "aws",  # and AWS::Partition
+            "AWS_REGION": "eu-west-1",  # what Lambda sets
         }
         config = guard_config.GuardConfig.from_env(env)
         assert ",".join(config.asg_names) == env["BUSY_GUARD_ASG_NAMES"]
+        # The items the guard marks are the ones the writers' policy lets each instance update.
+        assert config.keys.key("i-0123456789abcdef0") == (
+            "arn:aws:ec2:eu-west-1:123456789012:instance/i-0123456789abcdef0"
+            if env["BUSY_GUARD_KEY_SCHEME"] == "isolated"
+            else "i-0123456789abcdef0"
+        )
 
 
 def test_failed_async_invocations_are_not_retried_and_go_to_a_queue(template: Template) -> None:

@@ -41,7 +41,7 @@ def test_no_item_is_an_idle_instance(raw: Any) -> None:
 
 
 def test_key_only_item() -> None:
-    assert parse_item(KEY) == BusyState(instance_id=INSTANCE, exists=True)
+    assert parse_item(KEY) == BusyState(instance_id=INSTANCE, exists=True, key=INSTANCE)
 
 
 def test_the_key_on_the_item_wins_over_the_argument() -> None:
@@ -74,6 +74,7 @@ def test_a_full_current_item() -> None:
     )
     assert parse_item(raw) == BusyState(
         instance_id=INSTANCE,
+        key=INSTANCE,
         exists=True,
         leases=(
             Lease("a", "sec_staging", "host:42", T, T + 60, T + 300),

@@ -7,7 +7,7 @@ CLI's ``status`` shows what the guard would do with the very same function.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from busy_guard.schema import BusyState, Lease
@@ -72,6 +72,9 @@ class Decision:
 
 
 def decide(state: BusyState | StateUnavailable, config: DecisionConfig, now: float) -> Decision:
+    if isinstance(state, BusyState) and state.legacy is not None:
+        own = decide(replace(state, legacy=None), config, now)
+        return with_companion(own, decide(companion_of(state), config, now))
     since = state.waiting_since if isinstance(state, StateUnavailable) else _since(state)
     if since is not None and now - since >= config.max_wait:
         return Decision(
@@ -102,6 +105,38 @@ def decide(state: BusyState | StateUnavailable, config: DecisionConfig, now: flo
             lease_kinds=_kind_set(state.leases),
         )
     return Decision(Action.CONTINUE, Reason.IDLE)
+
+
+def companion_of(state: BusyState) -> BusyState:
+    """The bare-id companion of an ARN-keyed item, as its work is judged: only its leases and
+    markers count. Its own ``draining`` or ``released`` (left by a guard of the legacy scheme) are
+    not this termination's, so they start no wait and end none."""
+    assert state.legacy is not None
+    return replace(state.legacy, draining=None, released=None, legacy=None)
+
+
+def with_companion(own: Decision, companion: Decision) -> Decision:
+    """One decision for an instance whose work may sit on two items: the wait (and max_wait) is the
+    ARN-keyed item's; live work on either holds it; otherwise stale on either is stale."""
+    if not own.completes or own.reason is Reason.MAX_WAIT_EXCEEDED or companion.reason is Reason.IDLE:
+        return own
+    kinds = tuple(sorted({*own.lease_kinds, *companion.lease_kinds}))[:MAX_KINDS]
+    if not companion.completes:
+        return Decision(
+            Action.WAIT,
+            Reason.BUSY,
+            f"legacy (bare-id) item: {companion.detail}",
+            live_leases=companion.live_leases,
+            lease_kinds=companion.lease_kinds,
+        )
+    stale = own.stale_markers + companion.stale_markers
+    return Decision(
+        Action.CONTINUE,
+        Reason.STALE,
+        f"{stale} expired or stale marker(s)",
+        stale_markers=stale,
+        lease_kinds=kinds,
+    )
 
 
 def _kind_set(leases: Sequence[Lease]) -> tuple[str, ...]:

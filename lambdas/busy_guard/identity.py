@@ -5,11 +5,14 @@ else ``BUSY_GUARD_INSTANCE_ID``, else IMDSv2 (a token ``PUT``, then ``meta-data/
 short timeout; the answer is cached for the life of the process, a failure for five minutes (so a
 laptop does not pay the timeout on every operation, and a transient IMDS hiccup on EC2 heals).
 Whatever the source, the id is validated (``validate_instance_id``) before anything is written with it.
+Under the isolated key scheme the item's key is the instance ARN (``resolve_key``): an ARN argument,
+else ``BUSY_GUARD_INSTANCE_ARN``, else IMDS's identity document and ``services/partition``.
 IMDS is reached where botocore reaches it for the instance's own credentials (``imds_endpoint``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -22,11 +25,13 @@ import botocore.session
 import botocore.utils
 from botocore.exceptions import BotoCoreError
 
-from busy_guard.settings import INSTANCE_ID_PATTERN, Env
+from busy_guard.keys import instance_arn, parse_instance_arn
+from busy_guard.settings import INSTANCE_ID_PATTERN, KEY_SCHEME_LEGACY, Env
 
 logger = logging.getLogger("busy_guard.identity")
 
 ENV_INSTANCE_ID = Env.INSTANCE_ID
+ENV_INSTANCE_ARN = Env.INSTANCE_ARN
 # What botocore honours for its own IMDS calls, so one setting covers both. The endpoint and its mode
 # are botocore config variables: the environment, else the profile's ~/.aws/config
 # (ec2_metadata_service_endpoint, ec2_metadata_service_endpoint_mode, imds_use_ipv6).
@@ -42,17 +47,21 @@ _TOKEN_TTL_SECONDS = "21600"  # noqa: S105 - a lifetime in seconds, not a secret
 _INSTANCE_ID = re.compile(INSTANCE_ID_PATTERN)
 SOURCE_ARGUMENT = "the instance_id argument"
 SOURCE_IMDS = "IMDS meta-data/instance-id"
+SOURCE_IMDS_ARN = "IMDS dynamic/instance-identity/document and meta-data/services/partition"
 
 
 class InvalidInstanceIdError(ValueError):
-    """An instance id that is not ``i-`` and 8 or 17 lowercase hex digits; says where it came from."""
+    """An instance id that is not ``i-`` and 8 or 17 lowercase hex digits (or an instance ARN that is
+    not one); says where it came from."""
 
-    def __init__(self, value: str, source: str) -> None:
+    def __init__(
+        self, value: str, source: str, expected: str = "an EC2 instance id (like i-0123456789abcdef0)"
+    ) -> None:
         self.value = value
         self.source = source
         # Cut: a bad value may be any size (an env var, a corrupt IMDS answer).
         shown = value if len(value) <= 64 else value[:64] + "..."
-        self.reason = f"not an EC2 instance id (like i-0123456789abcdef0): {shown!r}"
+        self.reason = f"not {expected}: {shown!r}"
         super().__init__(f"{source}: {self.reason}")
 
 
@@ -66,7 +75,18 @@ def validate_instance_id(value: str, source: str) -> str:
     return value
 
 
+def validate_instance_arn(value: str, source: str) -> tuple[str, str]:
+    """(ARN prefix, instance id) of an EC2 instance ARN, else ``InvalidInstanceIdError`` naming ``source``."""
+    parsed = parse_instance_arn(value)
+    if parsed is None:
+        raise InvalidInstanceIdError(
+            value, source, "an EC2 instance ARN (arn:aws:ec2:REGION:ACCOUNT:instance/ID)"
+        )
+    return parsed
+
+
 _lock = threading.Lock()
+_imds_arn_prefix: str | None = None
 _imds_id: str | None = None
 _imds_region: str | None = None
 _imds_failed_at: float | None = None
@@ -85,6 +105,38 @@ def resolve_instance_id(explicit: str | None = None) -> str:
     if from_env:
         return validate_instance_id(from_env, ENV_INSTANCE_ID)
     return imds_instance_id()
+
+
+def resolve_key(explicit: str | None, scheme: str) -> tuple[str, str]:
+    """(instance id, the key of its item) to lease on; ``("", "")`` when no instance id is found, and
+    ``(id, "")`` when the isolated scheme's ARN can't be learnt (the caller then takes no lease).
+
+    The isolated scheme keys by the instance ARN: ``explicit`` may be the ARN itself, else
+    ``BUSY_GUARD_INSTANCE_ARN`` names it, else IMDS does (the identity document's account and region,
+    and ``services/partition``). Raises ``InvalidInstanceIdError`` for a malformed explicit value,
+    ``BUSY_GUARD_INSTANCE_ID`` or ``BUSY_GUARD_INSTANCE_ARN``, and for an ARN of another instance
+    than the id."""
+    arn: str | None = None
+    from_env = os.environ.get(ENV_INSTANCE_ARN, "").strip()
+    if explicit is not None and explicit.strip().startswith("arn:"):
+        arn = explicit.strip()
+        instance_id = validate_instance_arn(arn, SOURCE_ARGUMENT)[1]
+    elif explicit is None and from_env and not os.environ.get(ENV_INSTANCE_ID, "").strip():
+        arn = from_env
+        instance_id = validate_instance_arn(arn, ENV_INSTANCE_ARN)[1]
+    else:
+        instance_id = resolve_instance_id(explicit)
+    if not instance_id or scheme == KEY_SCHEME_LEGACY:
+        return instance_id, instance_id
+    if arn is None and from_env:
+        arn = from_env
+        named = validate_instance_arn(from_env, ENV_INSTANCE_ARN)[1]
+        if named != instance_id:
+            raise InvalidInstanceIdError(from_env, f"{ENV_INSTANCE_ARN} (names {named}, not {instance_id})")
+    if arn is None:
+        prefix = imds_arn_prefix()
+        arn = prefix + instance_id if prefix else ""
+    return instance_id, arn
 
 
 def imds_instance_id() -> str:
@@ -131,6 +183,35 @@ def imds_region() -> str | None:
                 logger.warning("busy_guard: no region configured and none from IMDS (%s)", err)
                 _imds_region = ""
         return _imds_region or None
+
+
+def imds_arn_prefix() -> str:
+    """``arn:PARTITION:ec2:REGION:ACCOUNT:instance/`` of this instance, from IMDSv2 (the identity
+    document's ``accountId`` and ``region``, and ``meta-data/services/partition``), cached; ``""`` off
+    EC2 or when IMDS does not answer (a failure is remembered like the instance id's)."""
+    global _imds_arn_prefix, _imds_failed_at  # noqa: PLW0603 - a process-wide cache is the point
+    if os.environ.get(ENV_IMDS_DISABLED, "").strip().lower() == "true":
+        return ""
+    with _lock:
+        if _imds_arn_prefix is not None:
+            return _imds_arn_prefix
+        if _imds_failed_at is not None and time.monotonic() - _imds_failed_at < IMDS_FAILURE_TTL:
+            return ""
+        try:
+            document = json.loads(_imds_get("dynamic/instance-identity/document"))
+            partition = _imds_get("meta-data/services/partition")
+            arn = instance_arn(
+                partition=partition,
+                region=str(document["region"]),
+                account=str(document["accountId"]),
+                instance_id=str(document["instanceId"]),
+            )
+            _imds_arn_prefix = arn.removesuffix(str(document["instanceId"]))
+            return _imds_arn_prefix
+        except (OSError, ValueError, KeyError, TypeError, BotoCoreError) as err:
+            _imds_failed_at = time.monotonic()
+            logger.warning("busy_guard: no instance ARN from IMDS (%s); operations run without a lease", err)
+            return ""
 
 
 def imds_endpoint() -> str:
@@ -192,8 +273,9 @@ def _read_boot_time() -> float:
 
 def reset_caches() -> None:
     """Forget the cached instance id, region and boot time (tests)."""
-    global _imds_id, _imds_failed_at, _boot_time, _imds_region  # noqa: PLW0603
+    global _imds_id, _imds_failed_at, _boot_time, _imds_region, _imds_arn_prefix  # noqa: PLW0603
     with _lock:
+        _imds_arn_prefix = None
         _imds_region = None
         _imds_id = None
         _imds_failed_at = None

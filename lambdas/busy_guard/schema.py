@@ -3,7 +3,7 @@
 Pure: no I/O and no boto3. Items are in DynamoDB's wire format (``{"S": "..."}``) because the writer,
 the guard (low-level clients) and the stream records all speak it. The layout is fixed by DESIGN.md:
 
-    instance_id              S   partition key
+    instance_id              S   partition key: the instance ARN (isolated) or the bare id (legacy)
     leases                   M   lease id -> {kind, holder, started_at, heartbeat_at, expires_at}
     active_destructive_ops   N   kept equal to the number of leases (counter-only readers)
     last_destructive_op_at   S   ISO-8601 UTC of the last begin/end/heartbeat
@@ -21,11 +21,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from busy_guard import settings
+from busy_guard.keys import instance_id_of
 
 # --- attribute names: the only place they are spelled -------------------------------------------
 INSTANCE_ID = "instance_id"
@@ -136,7 +137,12 @@ class LegacyLease:
 
 @dataclass(frozen=True)
 class BusyState:
-    """Everything the guard and the CLI need to know about one instance's item."""
+    """Everything the guard and the CLI need to know about one instance's item.
+
+    ``instance_id`` is the bare id whatever the key scheme; ``key`` is the item's partition key as
+    stored (the instance ARN under the isolated scheme). ``legacy`` is the companion item keyed by
+    the bare id, read beside an ARN-keyed item while legacy writers may exist: its work counts too
+    (``decide``), and a release proves it too (``Proof.legacy``)."""
 
     instance_id: str
     exists: bool = False
@@ -155,6 +161,8 @@ class BusyState:
     expires_at: float | None = None
     legacy_leases: tuple[LegacyLease, ...] = ()
     problems: tuple[str, ...] = field(default=())
+    key: str = ""
+    legacy: BusyState | None = None
 
     @property
     def untracked_ops(self) -> int:
@@ -178,6 +186,30 @@ class BusyState:
         return self.released is not None and self.draining is None
 
 
+def with_companion_work(state: BusyState) -> BusyState:
+    """What the CLI (``status``, ``release``) shows of an instance whose work may sit on two items:
+    every lease of either, and the legacy markers of whichever item has them (the bare-id one first:
+    they are its)."""
+    companion = state.legacy
+    if companion is None:
+        return state
+    markers = companion if companion.counter is not None or companion.legacy_leases else state
+    return replace(
+        state,
+        leases=tuple(sorted((*state.leases, *companion.leases), key=lambda lease: lease.lease_id)),
+        corrupt_leases=state.corrupt_leases + companion.corrupt_leases,
+        counter=markers.counter,
+        unreadable_markers=state.unreadable_markers + companion.unreadable_markers,
+        last_op_at=markers.last_op_at,
+        last_op_at_raw=markers.last_op_at_raw,
+        last_op_kind=markers.last_op_kind,
+        legacy_leases=companion.legacy_leases or state.legacy_leases,
+        problems=(*state.problems, *companion.problems),
+        exists=state.exists or companion.exists,
+        legacy=None,
+    )
+
+
 class SchemaError(ValueError):
     """An item that is not a busy-table item at all (no key, not a map)."""
 
@@ -193,7 +225,7 @@ def parse_item(item: Item | None, instance_id: str = "") -> BusyState:
     key = _string(item.get(INSTANCE_ID))
     if key is None and not instance_id:
         raise SchemaError(f"item has no {INSTANCE_ID!r} string attribute")
-    resolved_id = key if key is not None else instance_id
+    resolved_id = instance_id_of(key) if key is not None else instance_id
 
     leases, corrupt = _parse_leases(item.get(LEASES), problems)
     counter = _parse_counter(item.get(COUNTER), problems)
@@ -226,6 +258,7 @@ def parse_item(item: Item | None, instance_id: str = "") -> BusyState:
         legacy_leases=legacy_leases,
         unreadable_markers=unreadable,
         problems=tuple(problems),
+        key=key if key is not None else "",
     )
 
 
@@ -408,8 +441,9 @@ def string(value: str) -> dict[str, str]:
     return {"S": value}
 
 
-def key(instance_id: str) -> dict[str, dict[str, str]]:
-    return {INSTANCE_ID: string(instance_id)}
+def key(value: str) -> dict[str, dict[str, str]]:
+    """The wire-format key of the item whose partition key is ``value`` (see ``keys.InstanceKeys``)."""
+    return {INSTANCE_ID: string(value)}
 
 
 # --- update expressions: the writer -------------------------------------------------------------
@@ -639,6 +673,9 @@ class Proof:
 
     idle: bool = False
     unchanged: BusyState | None = None
+    # The companion item's own proof (keyed by the bare id), checked in the same transaction;
+    # None: the companion is proven idle wherever one is read (see ``guard.table``).
+    legacy: Proof | None = None
 
 
 def proof_clauses(proof: Proof) -> tuple[list[str], dict[str, str], dict[str, Any]]:
@@ -685,6 +722,22 @@ def proof_clauses(proof: Proof) -> tuple[list[str], dict[str, str], dict[str, An
         {k: v for k, v in names.items() if k in used},
         {k: v for k, v in values.items() if k in used},
     )
+
+
+def condition_check(proof: Proof) -> UpdateRequest:
+    """A proof as a ``TransactWriteItems`` ConditionCheck (without TableName and Key): the release of
+    an ARN-keyed item proves its bare-id companion in the same atomic transaction. An item that does
+    not exist satisfies the idle proof (every ``attribute_not_exists`` holds)."""
+    conditions, names, values = proof_clauses(proof)
+    if not conditions:
+        raise ValueError("a condition check needs a proof: idle, or unchanged since a read")
+    request: UpdateRequest = {
+        "ConditionExpression": " AND ".join(conditions),
+        "ExpressionAttributeNames": names,
+    }
+    if values:
+        request["ExpressionAttributeValues"] = values
+    return request
 
 
 def provable(state: BusyState) -> bool:

@@ -33,6 +33,8 @@ from botocore.exceptions import ClientError
 
 from busy_guard import identity, schema
 from busy_guard.settings import (
+    DEFAULT_KEY_SCHEME,
+    KEY_SCHEMES,
     LEASE_HEARTBEAT_SECONDS,
     LEASE_TTL_SECONDS,
     MAX_KIND_LENGTH,
@@ -92,6 +94,8 @@ class WriterOptions(TypedDict, total=False):
     client              a boto3 DynamoDB client to use instead of the library's own
     clock               epoch seconds, ``time.time`` by default (tests)
     endpoint_url        default ``$BUSY_GUARD_ENDPOINT_URL`` (DynamoDB Local, moto_server)
+    key_scheme          "isolated" (items keyed by the instance ARN) or "legacy" (bare ids); default
+                        ``$BUSY_GUARD_KEY_SCHEME``, else "isolated". Must match the stack's KeyScheme.
     """
 
     table: str | None
@@ -101,6 +105,7 @@ class WriterOptions(TypedDict, total=False):
     client: DynamoDBClient | None
     clock: Callable[[], float] | None
     endpoint_url: str | None
+    key_scheme: str | None
 
 
 class InstanceDrainingError(RuntimeError):
@@ -139,6 +144,7 @@ class LeaseHandle:
     _writer: _Writer = field(repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
+    key: str = ""  # the item's key: the instance ARN (isolated) or ``instance_id`` (legacy)
 
     @property
     def heartbeat_running(self) -> bool:
@@ -243,6 +249,7 @@ class _Writer:
     clock: Callable[[], float]
     client: DynamoDBClient | None
     endpoint_url: str | None
+    key_scheme: str = DEFAULT_KEY_SCHEME
 
     @classmethod
     def configure(
@@ -255,6 +262,7 @@ class _Writer:
         client: DynamoDBClient | None = None,
         clock: Callable[[], float] | None = None,
         endpoint_url: str | None = None,
+        key_scheme: str | None = None,
     ) -> _Writer:
         """Validate the arguments (a ``ValueError`` is a bug at the call site) and read the
         environment. No I/O."""
@@ -268,7 +276,13 @@ class _Writer:
             raise ValueError(
                 f"lease_ttl ({lease_ttl}) must be longer than heartbeat_interval ({heartbeat_interval})"
             )
+        scheme = key_scheme or os.environ.get(Env.KEY_SCHEME, "").strip() or DEFAULT_KEY_SCHEME
+        if scheme not in KEY_SCHEMES:
+            raise ValueError(
+                f"key_scheme ({Env.KEY_SCHEME}) must be one of {KEY_SCHEMES}, not {scheme[:64]!r}"
+            )
         return cls(
+            key_scheme=scheme,
             table=table or os.environ.get(ENV_TABLE, "").strip() or None,
             on_draining="warn" if on_draining == "warn" else "raise",
             heartbeat_interval=float(heartbeat_interval),
@@ -281,9 +295,10 @@ class _Writer:
     def _client(self) -> DynamoDBClient:
         return self.client if self.client is not None else _shared_client(self.endpoint_url)
 
-    def _update(self, instance_id: str, request: schema.UpdateRequest) -> Any:
+    def _update(self, key: str, request: schema.UpdateRequest) -> Any:
+        """One UpdateItem on the item keyed ``key`` (``identity.resolve_key``)."""
         assert self.table is not None
-        return self._client().update_item(TableName=self.table, Key=schema.key(instance_id), **request)
+        return self._client().update_item(TableName=self.table, Key=schema.key(key), **request)
 
     # --- begin -----------------------------------------------------------------------------------
     def begin(self, instance_id: str | None, kind: str) -> LeaseHandle | None:
@@ -300,7 +315,7 @@ class _Writer:
             )
             kind = kind[:MAX_KIND_LENGTH]
         try:
-            resolved = identity.resolve_instance_id(instance_id)
+            resolved, key = identity.resolve_key(instance_id, self.key_scheme)
         except identity.InvalidInstanceIdError as err:
             if err.source == identity.SOURCE_ARGUMENT:
                 raise  # a bug at the call site, like any other invalid argument: before any write
@@ -310,7 +325,7 @@ class _Writer:
             )
             return None
         except Exception as err:  # never let identity lookup break real work
-            resolved = ""
+            resolved = key = ""
             logger.warning("busy_guard: could not resolve the instance id (%s)", _describe(err))
         if not resolved:
             _log_once(
@@ -319,6 +334,18 @@ class _Writer:
                 "busy_guard: no instance id (argument, %s or IMDS): %s runs without a lease",
                 identity.ENV_INSTANCE_ID,
                 _shown(kind),
+            )
+            return None
+        if not key:
+            _log_once(
+                "no-instance-arn",
+                logging.WARNING,
+                "busy_guard: %s=isolated keys leases by the instance ARN, and none was found (an ARN "
+                "argument, %s, or IMDS): %s runs without a lease; a legacy table needs %s=legacy",
+                Env.KEY_SCHEME,
+                Env.INSTANCE_ARN,
+                _shown(kind),
+                Env.KEY_SCHEME,
             )
             return None
         if self.table is None:
@@ -334,7 +361,7 @@ class _Writer:
         holder = f"{socket.gethostname()}:{os.getpid()}"  # per call: a forked child has its own pid
         lease = schema.Lease(uuid.uuid4().hex, kind, holder, now, now, now + self.lease_ttl)
         try:
-            recorded = self._record(resolved, lease)
+            recorded = self._record(key, lease)
         except _Refused as refused:
             if self.on_draining == "raise":
                 raise InstanceDrainingError(resolved, refused.state) from None
@@ -357,9 +384,9 @@ class _Writer:
         logger.debug(
             "busy_guard: lease %s (%s) recorded on %s", lease.lease_id, _shown(kind), _shown(resolved)
         )
-        return LeaseHandle(lease.lease_id, resolved, kind, self.table, self)
+        return LeaseHandle(lease.lease_id, resolved, kind, self.table, self, key=key)
 
-    def _record(self, instance_id: str, lease: schema.Lease) -> bool:
+    def _record(self, key: str, lease: schema.Lease) -> bool:
         boot = identity.boot_time()
         create_map = False
         repaired = False
@@ -369,8 +396,8 @@ class _Writer:
             tries += 1
             try:
                 request = schema.begin_update(lease, boot_time=boot, create_map=create_map)
-                previous = self._update(instance_id, request).get("Attributes")
-                self._prune_orphans(instance_id, schema.parse_item(previous, instance_id), lease.started_at)
+                previous = self._update(key, request).get("Attributes")
+                self._prune_orphans(key, schema.parse_item(previous, key), lease.started_at)
                 return True
             except ClientError as err:
                 code = _error_code(err)
@@ -384,12 +411,12 @@ class _Writer:
                 ):
                     # ADD on a counter that is not a number (a string): repair it, then take the lease.
                     repaired = True
-                    self._repair_counter(instance_id, lease.lease_id)
+                    self._repair_counter(key, lease.lease_id)
                     continue
                 if code != "ConditionalCheckFailedException":
                     raise
                 old = _old_item(err)
-            state = schema.parse_item(old, instance_id)
+            state = schema.parse_item(old, key)
             if any(existing.lease_id == lease.lease_id for existing in state.leases):
                 return True  # a retried request whose first attempt had landed
             refused = state.draining is not None or state.maintenance is not None
@@ -402,18 +429,18 @@ class _Writer:
             "busy_guard: begin of %s on %s gave up after %d conflicting tries (item problems: %s); "
             "the operation runs without a lease",
             _shown(lease.kind),
-            _shown(instance_id),
+            _shown(key),
             _BEGIN_TRIES,
-            _shown("; ".join(schema.parse_item(old, instance_id).problems) or "none", 4 * MAX_LOGGED_CHARS),
+            _shown("; ".join(schema.parse_item(old, key).problems) or "none", 4 * MAX_LOGGED_CHARS),
         )
         return False
 
-    def _repair_counter(self, instance_id: str, lease_id: str) -> None:
+    def _repair_counter(self, key: str, lease_id: str) -> None:
         """Make a string-typed counter a number again (``schema.repair_counter_update``), so that
         this begin and every later one can count. Conditioned on the type and the string seen; a
         counter that changed meanwhile is left to the caller's next try."""
         try:
-            self._update(instance_id, schema.counter_probe_update())
+            self._update(key, schema.counter_probe_update())
             return  # a number by now: another writer repaired it
         except ClientError as err:
             if _error_code(err) != "ConditionalCheckFailedException":
@@ -422,9 +449,9 @@ class _Writer:
         raw = old.get(schema.COUNTER, {}).get("S") if isinstance(old.get(schema.COUNTER), Mapping) else None
         if not isinstance(raw, str):
             return  # gone, or of a type this repair does not know: the next try says what happens
-        value = schema.repaired_counter(schema.parse_item(old, instance_id), raw, lease_id)
+        value = schema.repaired_counter(schema.parse_item(old, key), raw, lease_id)
         try:
-            self._update(instance_id, schema.repair_counter_update(raw, value))
+            self._update(key, schema.repair_counter_update(raw, value))
         except ClientError as err:
             if _error_code(err) != "ConditionalCheckFailedException":
                 raise
@@ -432,24 +459,24 @@ class _Writer:
         logger.warning(
             "busy_guard: %s on %s was the string %r, not a number; repaired to %d",
             schema.COUNTER,
-            _shown(instance_id),
+            _shown(key),
             _shown(raw),
             value,
         )
 
-    def _prune_orphans(self, instance_id: str, state: schema.BusyState, now: float) -> None:
+    def _prune_orphans(self, key: str, state: schema.BusyState, now: float) -> None:
         """Remove leases whose processes stopped renewing long ago (never a live one: the removal
         is conditioned on the expiry this begin saw). Best effort; only when there are any."""
         orphans = [lease for lease in state.leases if lease.expires_at + ORPHAN_AFTER < now]
         for orphan in orphans[:MAX_PRUNED_PER_BEGIN]:
             try:
-                self._update(instance_id, schema.prune_lease_update(orphan))
+                self._update(key, schema.prune_lease_update(orphan))
                 logger.info(
                     "busy_guard: removed the expired lease %s (%s) of %s on %s",
                     orphan.lease_id[:64],
                     orphan.kind[:64],
                     orphan.holder[:64],
-                    instance_id,
+                    key,
                 )
             except Exception as err:  # renewed meanwhile, or DynamoDB trouble: leave it to expire
                 logger.debug(
@@ -462,7 +489,7 @@ class _Writer:
         now = self.clock()
         request = schema.heartbeat_update(handle.lease_id, now=now, expires_at=now + self.lease_ttl)
         try:
-            self._update(handle.instance_id, request)
+            self._update(handle.key, request)
             return True
         except ClientError as err:
             if _error_code(err) != "ConditionalCheckFailedException":
@@ -497,7 +524,7 @@ class _Writer:
             thread.join(timeout=HEARTBEAT_JOIN_TIMEOUT)
         request = schema.end_update(handle.lease_id, kind=handle.kind, now=self.clock())
         try:
-            self._update(handle.instance_id, request)
+            self._update(handle.key, request)
             return
         except ClientError as err:
             if _error_code(err) != "ConditionalCheckFailedException":

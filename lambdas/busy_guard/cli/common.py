@@ -28,9 +28,10 @@ from botocore.exceptions import (
 )
 from botocore.parsers import ResponseParserError
 
-from busy_guard.guard.config import ConfigError, GuardConfig
+from busy_guard.guard.config import REGION_ENV, ConfigError, GuardConfig
+from busy_guard.guard.table import BusyTable
 from busy_guard.identity import InvalidInstanceIdError, validate_instance_id
-from busy_guard.settings import Env
+from busy_guard.settings import DEFAULT_KEY_SCHEME, KEY_SCHEME_ISOLATED, KEY_SCHEME_LEGACY, Env
 
 if TYPE_CHECKING:
     from mypy_boto3_autoscaling import AutoScalingClient
@@ -240,6 +241,7 @@ class Context:
     session: boto3.Session | None = None
     clock: Callable[[], float] = time.time
     _aws: Aws | None = None
+    _identity: tuple[str, str] | None = None
 
     @property
     def aws(self) -> Aws:
@@ -254,7 +256,34 @@ class Context:
         env[ENV_TABLE] = self.args.table
         env[ENV_ASG_NAMES] = ",".join(groups) or "-"
         env[ENV_HOOK] = getattr(self.args, "hook", DEFAULT_HOOK)
+        if env.get(Env.KEY_SCHEME, DEFAULT_KEY_SCHEME).strip() == KEY_SCHEME_ISOLATED:
+            # Instance ARNs name the account, region and partition: this command's own, unless set.
+            env[REGION_ENV] = self.aws.region_override or self.aws.session.region_name or ""
+            if not env.get(Env.ACCOUNT_ID) or not env.get(Env.PARTITION):
+                account, partition = self._caller()
+                env.setdefault(Env.ACCOUNT_ID, account)
+                env.setdefault(Env.PARTITION, partition)
         return GuardConfig.from_env(env)
+
+    def busy_table(self, config: GuardConfig | None = None) -> BusyTable:
+        """The busy table, keyed as the guard keys it (``BUSY_GUARD_KEY_SCHEME``)."""
+        keys = (config or self.guard_config([])).keys
+        return BusyTable(self.aws.dynamodb(), self.args.table, keys=keys)
+
+    def _caller(self) -> tuple[str, str]:
+        """(account, partition) of this command's credentials (GetCallerIdentity needs no permission)."""
+        if self._identity is None:
+            try:
+                arn = str(self.aws.sts().get_caller_identity()["Arn"])
+            except (ClientError, BotoCoreError) as error:
+                raise CliError(
+                    f"the isolated key scheme keys items by instance ARN, and this command could not learn "
+                    f"its account ({one_line(str(error), 120)}): set {Env.ACCOUNT_ID} and {Env.PARTITION}, "
+                    f"or {Env.KEY_SCHEME}={KEY_SCHEME_LEGACY} for a legacy table",
+                ) from error
+            parts = arn.split(":")
+            self._identity = (parts[4], parts[1]) if len(parts) > 4 else ("", "")
+        return self._identity
 
 
 # --- errors and output --------------------------------------------------------------------------------

@@ -181,8 +181,8 @@ def command(ctx: Context) -> int:
             raise CliError(f"group {args.asg} has no InService instance to drain")
     else:
         targets = [args.instance_id]
-    table = BusyTable(ctx.aws.dynamodb(), args.table)
     config = ctx.guard_config([args.asg] if args.asg else [])
+    table = ctx.busy_table(config)
     with SignalForwarder() as signals:
         run = Run(table, config, ctx.clock, signals, caller_identity(ctx.aws), args)
         batches = [targets[i : i + args.batch] for i in range(0, len(targets), args.batch)]
@@ -363,7 +363,7 @@ def clear_marks(run: Run, marks: dict[str, Maintenance], result: str) -> bool:
 def undrain_command(ctx: Context) -> int:
     args = ctx.args
     target: str = args.instance_id
-    table = BusyTable(ctx.aws.dynamodb(), args.table)
+    table = ctx.busy_table()
     state = table.get(target)
     mark = state.maintenance
     if mark is None:

@@ -14,6 +14,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
+from busy_guard import schema
 from busy_guard.cli.common import (
     EXIT_NOTHING_TO_RELEASE,
     EXIT_OK,
@@ -30,7 +31,7 @@ from busy_guard.cli.common import (
     warn,
 )
 from busy_guard.guard.autoscaling import WAITING_STATES, HookResult, LifecycleHooks
-from busy_guard.guard.table import BusyTable, TableUnavailableError
+from busy_guard.guard.table import TableUnavailableError
 from busy_guard.schema import BusyState, Released
 
 if TYPE_CHECKING:
@@ -75,10 +76,10 @@ def command(ctx: Context) -> int:
     autoscaling = ctx.aws.autoscaling()
     group, lifecycle = find_instance(autoscaling, target, args.asg, ctx.aws.region)
     config = ctx.guard_config([group])
-    table = BusyTable(ctx.aws.dynamodb(), args.table)
+    table = ctx.busy_table(config)
     state: BusyState | None = None
     try:
-        state = table.get(target)
+        state = schema.with_companion_work(table.get(target))
     except TableUnavailableError as error:  # the override must work when the table does not
         warn("release", f"{explain(error, args)[1]}; its leases are unknown")
 

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -151,7 +151,7 @@ def snapshot(ctx: Context) -> str:
     refreshes: list[Refresh] | None = []
     if groups:
         members = describe_groups(ctx.aws.autoscaling(), groups, ctx.aws.region)
-        table = BusyTable(ctx.aws.dynamodb(), args.table)
+        table = ctx.busy_table(config)
         rows = group_rows(table, members, groups=groups, hook=args.hook, config=config, now=ctx.clock())
         try:
             refreshes = active_refreshes(ctx.aws.autoscaling(), groups)
@@ -319,14 +319,24 @@ def group_rows(
 
 
 def table_rows(client: DynamoDBClient, table_name: str, *, config: GuardConfig, now: float) -> list[Row]:
-    """Every item of the table (no group given): the table's side of the story only."""
-    states: list[BusyState] = []
+    """Every item of the table (no group given): the table's side of the story only. Under the
+    isolated scheme a bare-id item is shown with its instance's ARN item (or alone), never twice."""
+    keys = config.keys
+    own: dict[str, BusyState] = {}
+    companions: dict[str, BusyState] = {}
     for page in client.get_paginator("scan").paginate(TableName=table_name, ConsistentRead=True):
         for item in page.get("Items", []):
             try:
-                states.append(schema.parse_item(item))
+                state = schema.parse_item(item)
             except schema.SchemaError:
                 continue
+            if keys.is_companion(state.key):
+                companions[state.instance_id] = state
+            elif keys.owner(state.key) is not None or not keys.isolated:
+                own[state.instance_id] = state
+    for instance_id, companion in companions.items():
+        base = own.get(instance_id, BusyState(instance_id, key=keys.key(instance_id)))
+        own[instance_id] = replace(base, legacy=companion)
     return [
         _row(
             state.instance_id,
@@ -337,7 +347,7 @@ def table_rows(client: DynamoDBClient, table_name: str, *, config: GuardConfig, 
             config=config,
             now=now,
         )
-        for state in sorted(states, key=lambda s: s.instance_id)
+        for state in sorted(own.values(), key=lambda s: s.instance_id)
     ]
 
 
@@ -351,9 +361,18 @@ def _row(
     config: GuardConfig,
     now: float,
 ) -> Row:
-    """One instance, judged by the guard's own decide() with the guard's settings."""
+    """One instance, judged by the guard's own decide() with the guard's settings (both of its items,
+    where a bare-id companion is read), and shown with the work of both."""
     decision = decide(state, config.decision, now)
-    return Row(instance_id, group, lifecycle, in_group, state, decision, config.clock_skew)
+    return Row(
+        instance_id,
+        group,
+        lifecycle,
+        in_group,
+        schema.with_companion_work(state),
+        decision,
+        config.clock_skew,
+    )
 
 
 # --- JSON -----------------------------------------------------------------------------------------------

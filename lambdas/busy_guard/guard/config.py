@@ -10,7 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from busy_guard import settings as S
 from busy_guard.decision import Action, DecisionConfig
+from busy_guard.keys import LEGACY, InstanceKeys
 from busy_guard.settings import Env
+
+REGION_ENV = "AWS_REGION"
 
 
 class ConfigError(ValueError):
@@ -71,6 +74,13 @@ class GuardConfig(BaseModel):
     sandbox and in tests that build the guard by hand."""
     observe_only: bool = Field(False, alias=Env.OBSERVE_ONLY)
     """Decide, log and count what the guard would do, but complete every termination at once."""
+    key_scheme: Literal["isolated", "legacy"] = Field(S.DEFAULT_KEY_SCHEME, alias=Env.KEY_SCHEME)
+    """How items are keyed (``busy_guard.keys``): by instance ARN, or by the bare id."""
+    read_legacy_keys: bool = Field(S.DEFAULT_READ_LEGACY_KEYS, alias=Env.READ_LEGACY_KEYS)
+    """Isolated only: also count the work on bare-id items (the replaced system's, legacy writers')."""
+    partition: str = Field(S.DEFAULT_PARTITION, alias=Env.PARTITION, pattern=r"^aws[a-z-]*$")
+    region: str | None = Field(None, alias=REGION_ENV)
+    """The guard's own region (Lambda sets ``AWS_REGION``): the region of its groups' instance ARNs."""
 
     @field_validator("asg_names", mode="before")
     @classmethod
@@ -95,6 +105,28 @@ class GuardConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_keys(self) -> GuardConfig:
+        if self.key_scheme == S.KEY_SCHEME_ISOLATED and (self.account_id is None or not self.region):
+            raise ValueError(
+                f"{Env.KEY_SCHEME}={S.KEY_SCHEME_ISOLATED} keys items by instance ARN, which needs "
+                f"{Env.ACCOUNT_ID} and {REGION_ENV}"
+            )
+        self.keys  # noqa: B018 - builds (and so validates) the ARN prefix once, here
+        return self
+
+    @property
+    def keys(self) -> InstanceKeys:
+        if self.key_scheme == S.KEY_SCHEME_LEGACY:
+            return LEGACY
+        assert self.account_id is not None and self.region is not None
+        return InstanceKeys.isolated_keys(
+            account=self.account_id,
+            region=self.region,
+            partition=self.partition,
+            read_legacy=self.read_legacy_keys,
+        )
+
     @property
     def decision(self) -> DecisionConfig:
         return DecisionConfig(
@@ -108,7 +140,8 @@ class GuardConfig(BaseModel):
     def from_env(cls, env: Mapping[str, str] | None = None) -> GuardConfig:
         source = os.environ if env is None else env
         try:
-            return cls.model_validate({k: v for k, v in source.items() if k.startswith(Env.PREFIX)})
+            wanted = {k: v for k, v in source.items() if k.startswith(Env.PREFIX) or k == REGION_ENV}
+            return cls.model_validate(wanted)
         except ValidationError as error:
             raise ConfigError(_describe(error)) from None
 

@@ -71,7 +71,7 @@ def build_guard(
     # One pooled connection per tick worker (botocore's default pool is 10).
     aws = _AWS_CONFIG.merge(Config(max_pool_connections=max(10, config.tick_concurrency)))
     return Guard(
-        table=BusyTable(session.client("dynamodb", config=aws), config.table_name),
+        table=BusyTable(session.client("dynamodb", config=aws), config.table_name, keys=config.keys),
         hooks=LifecycleHooks(session.client("autoscaling", config=aws), config.hook_name),
         config=config,
         clock=clock,
@@ -192,6 +192,11 @@ def _on_stream(
             if state is not None and not re.fullmatch(INSTANCE_ID_PATTERN, state.instance_id):
                 # Never a key to write or an id to send to Auto Scaling, nor a whole line of log.
                 raise ValueError(f"instance id {state.instance_id[:MAX_SHOWN]!r} is not an EC2 instance id")
+            if state is not None and guard.table.keys.owner(state.key) is None:
+                # A bare-id item under the isolated scheme, or another account's ARN: the guard
+                # marks only items of its own scheme, so this is no wait of ours.
+                logger.info(f"stream record {shown}: not an item of this key scheme")
+                continue
         except (ValueError, schema.SchemaError) as error:
             logger.error(f"malformed stream record {shown}: {error}")
             metrics.add_metric(name=MetricName.MALFORMED_EVENTS, unit=MetricUnit.Count, value=1)

@@ -29,7 +29,15 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from busy_guard import schema, settings
-from busy_guard.decision import Action, Decision, DecisionConfig, Reason, StateUnavailable, decide
+from busy_guard.decision import (
+    Action,
+    Decision,
+    DecisionConfig,
+    Reason,
+    StateUnavailable,
+    companion_of,
+    decide,
+)
 from busy_guard.guard.autoscaling import IN_SERVICE, GroupInstance, HookResult
 from busy_guard.schema import BusyState, Draining, Proof, Released
 from busy_guard.settings import INSTANCE_ID_PATTERN
@@ -347,7 +355,7 @@ def _decided(progress: Progress, state: BusyState, policy: Policy) -> Progress:
     decision = decide(state, policy.decision, policy.now)
     if not decision.completes:
         return _wait(progress, decision, state, policy)
-    proof = _proof(decision, state)
+    proof = _proof(decision, state, policy)
     if proof is None and decision.reason is not Reason.MAX_WAIT_EXCEEDED:
         held = Decision(Action.WAIT, Reason.BUSY, f"too many leases to prove {decision.reason}")
         return _wait(progress, held, state, policy)
@@ -360,7 +368,21 @@ def _decided(progress: Progress, state: BusyState, policy: Policy) -> Progress:
     return replace(progress, step=claim, decision=decision)
 
 
-def _proof(decision: Decision, state: BusyState) -> Proof | None:
+def _proof(decision: Decision, state: BusyState, policy: Policy) -> Proof | None:
+    """What the release's condition proves: the decision, on the item itself. An item with a
+    companion proves each item by its own decision (one may be idle, the other stale)."""
+    if state.legacy is None:
+        return _item_proof(decision, state)
+    own = replace(state, legacy=None)
+    companion = companion_of(state)
+    own_proof = _item_proof(decide(own, policy.decision, policy.now), own)
+    companion_proof = _item_proof(decide(companion, policy.decision, policy.now), companion)
+    if own_proof is None or companion_proof is None:
+        return None
+    return replace(own_proof, legacy=companion_proof)
+
+
+def _item_proof(decision: Decision, state: BusyState) -> Proof | None:
     if decision.reason is Reason.IDLE:
         return Proof(idle=True)
     if decision.reason is Reason.STALE and schema.provable(state):
@@ -423,7 +445,7 @@ def _recheck(progress: Progress, recorded: Released, seen: BusyState, policy: Po
     if decision.reason is Reason.MAX_WAIT_EXCEEDED:
         return replace(progress, step=Complete(decision.action))
     now = decide(seen, policy.decision, policy.now)
-    proof = _proof(now, seen)
+    proof = _proof(now, seen, policy)
     if proof is None:  # live work beside a release mark (or more leases than a proof holds)
         return replace(progress, step=Recheck(recorded.at, Proof(idle=True)))
     return replace(progress, step=Recheck(recorded.at, proof))

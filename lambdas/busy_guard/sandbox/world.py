@@ -14,6 +14,7 @@ tests, the benchmarks and ``busy-guard demo``. Import it only where moto is inst
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 from collections import Counter
@@ -28,10 +29,11 @@ import boto3
 from busy_guard import schema
 from busy_guard.guard import handler as guard_handler
 from busy_guard.guard.config import GuardConfig
+from busy_guard.keys import InstanceKeys
 from busy_guard.sandbox.dynamodb_local import DynamoDBLocal
 from busy_guard.sandbox.environment import REGION, sandbox_environment
 from busy_guard.sandbox.hooks import LifecycleHookEmulator
-from busy_guard.settings import Env
+from busy_guard.settings import DEFAULT_KEY_SCHEME, Env
 from busy_guard.writer import LeaseHandle, WriterOptions, begin_destructive_op_sync, end_destructive_op_sync
 
 if TYPE_CHECKING:
@@ -79,6 +81,13 @@ class SandboxSettings:
             Env.HEARTBEAT_TIMEOUT: str(self.heartbeat_timeout),
             Env.MAX_WAIT: str(self.max_wait),
             Env.MAX_WAIT_RESULT: self.max_wait_result,
+            # The deployment's key scheme, as a stack's context would give it (the writers get the same
+            # through the sandbox's environment); isolated unless the caller's environment says.
+            Env.KEY_SCHEME: os.environ.get(Env.KEY_SCHEME, "").strip() or DEFAULT_KEY_SCHEME,
+            # The isolated key scheme builds instance ARNs of moto's account and the sandbox's region.
+            Env.ACCOUNT_ID: ACCOUNT,
+            Env.PARTITION: "aws",
+            "AWS_REGION": REGION,
             **self.env,
         }
 
@@ -166,12 +175,20 @@ class Sandbox:
         groups = self.autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[group])
         return sorted(i["InstanceId"] for g in groups["AutoScalingGroups"] for i in g.get("Instances", []))
 
+    @property
+    def keys(self) -> InstanceKeys:
+        """How the sandbox's items are keyed (``BUSY_GUARD_KEY_SCHEME``; isolated unless set)."""
+        return self.guard.table.keys
+
     def item(self, instance_id: str) -> schema.BusyState:
-        response = self.dynamodb.get_item(
-            TableName=self.table_name, Key=schema.key(instance_id), ConsistentRead=True
-        )
+        """The instance's own item (keyed by its ARN under the isolated scheme)."""
+        return self.item_at(self.keys.key(instance_id), instance_id)
+
+    def item_at(self, key: str, instance_id: str = "") -> schema.BusyState:
+        """The item keyed ``key`` exactly (a bare id is a legacy item under the isolated scheme)."""
+        response = self.dynamodb.get_item(TableName=self.table_name, Key=schema.key(key), ConsistentRead=True)
         raw: Any = response.get("Item")
-        return schema.parse_item(raw, instance_id)
+        return schema.parse_item(raw, instance_id or key)
 
     @property
     def guard_config(self) -> GuardConfig:
@@ -195,8 +212,10 @@ class Sandbox:
     def begin(
         self, instance_id: str, kind: str = "bulk_table_insert", *, lease_ttl: float = 180.0
     ) -> LeaseHandle:
-        """A real writer lease (see :meth:`writer_options`); raises if the writer took none."""
-        lease = begin_destructive_op_sync(instance_id, kind, **self.writer_options(lease_ttl))
+        """A real writer lease (see :meth:`writer_options`); raises if the writer took none. Off EC2 the
+        writer can't ask IMDS for its ARN, so it is handed the key the guard reads (an ARN under the
+        isolated scheme), as ``BUSY_GUARD_INSTANCE_ARN`` would hand it."""
+        lease = begin_destructive_op_sync(self.keys.key(instance_id), kind, **self.writer_options(lease_ttl))
         if lease is None:
             raise RuntimeError(f"the writer took no lease on {instance_id}: see its log")
         return lease
