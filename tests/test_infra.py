@@ -169,7 +169,9 @@ def test_context_strings_as_given_by_dash_c_are_parsed() -> None:
 
 def test_defaults_apply_to_missing_keys() -> None:
     config = BusyGuardConfig.from_context({"asgNames": ["g"]}.get)
-    assert config.settings == GuardSettings()
+    # The construct's own default reads bare-id items (a team's table may hold them); the app's
+    # created table can't, so it doesn't.
+    assert config.settings == GuardSettings(read_legacy_keys=False)
     assert config.settings.heartbeat_timeout_seconds == 900
     assert config.settings.max_wait_seconds == 12 * 3600
     assert config.table_name == "busy_guard.instance_busy"
@@ -268,7 +270,7 @@ def test_the_construct_validates_its_settings_too() -> None:
 def test_the_key_scheme_defaults_by_table_and_an_explicit_value_wins() -> None:
     imported = {"importTable": True, "tableStreamArn": STREAM_ARN}
     created = config_from().settings
-    assert (created.key_scheme, created.reads_legacy_keys) == ("isolated", True)
+    assert (created.key_scheme, created.reads_legacy_keys) == ("isolated", False)  # no bare id can be there
     legacy = config_from(**imported).settings  # the replaced system's bare-id items until migrated
     assert (legacy.key_scheme, legacy.reads_legacy_keys) == ("legacy", False)
     # the migration's steps on the imported table, in the string forms -c gives
@@ -380,7 +382,7 @@ def test_function_environment_is_the_handlers_contract(template: Template) -> No
         "BUSY_GUARD_ACCOUNT_ID": {"Ref": "AWS::AccountId"},
         "BUSY_GUARD_OBSERVE_ONLY": "false",
         "BUSY_GUARD_KEY_SCHEME": "isolated",
-        "BUSY_GUARD_READ_LEGACY_KEYS": "true",
+        "BUSY_GUARD_READ_LEGACY_KEYS": "false",
         "BUSY_GUARD_PARTITION": {"Ref": "AWS::Partition"},
         "POWERTOOLS_SERVICE_NAME": "busy-guard",
         "POWERTOOLS_METRICS_NAMESPACE": "BusyGuard",
@@ -803,12 +805,27 @@ def condition_check_statements(template: Template) -> list[dict[str, Any]]:
 
 
 def test_condition_check_item_only_while_legacy_keys_are_read(
-    template: Template, custom: Template, migrated: Template
+    template: Template, custom: Template, migrated: Template, migrating: Template
 ) -> None:
     """The release proves the bare-id companion idle in its TransactWriteItems (a ConditionCheck)."""
-    (check,) = condition_check_statements(template)
+    (check,) = condition_check_statements(migrating)
     assert actions_of(check) == {"dynamodb:ConditionCheckItem"}
-    assert check["Resource"] == {"Fn::GetAtt": [logical_id(template, "AWS::DynamoDB::Table"), "Arn"]}
+    # the imported table's own ARN, nothing wider
+    assert check["Resource"] == {
+        "Fn::Join": [
+            "",
+            [
+                "arn:",
+                {"Ref": "AWS::Partition"},
+                ":dynamodb:",
+                {"Ref": "AWS::Region"},
+                ":",
+                {"Ref": "AWS::AccountId"},
+                ":table/busy_guard.instance_busy",
+            ],
+        ]
+    }
+    assert condition_check_statements(template) == []  # a created table: no bare-id item to prove
     assert condition_check_statements(custom) == []  # legacy
     assert condition_check_statements(migrated) == []  # isolated, readLegacyKeys=false
 

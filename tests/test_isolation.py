@@ -26,7 +26,7 @@ from busy_guard.keys import LEGACY, InstanceKeys, instance_arn, instance_id_of
 from busy_guard.sandbox.clock import ManualClock
 from busy_guard.sandbox.dynamodb_local import DynamoDBLocal
 from busy_guard.sandbox.environment import REGION
-from busy_guard.sandbox.world import ACCOUNT, Sandbox, SandboxSettings
+from busy_guard.sandbox.world import ACCOUNT, AwsCallCounter, Sandbox, SandboxSettings
 from busy_guard.schema import BusyState, Draining, Lease
 from busy_guard.settings import Env
 from busy_guard.writer import InstanceDrainingError, begin_destructive_op_sync, end_destructive_op_sync
@@ -381,3 +381,43 @@ def _status_release_and_drain(sb: Sandbox, clock: ManualClock, capsys: pytest.Ca
     drained = sb.item(idle)
     assert drained.maintenance is None and drained.last_maintenance is not None
     assert drained.last_maintenance.result == "ok" and not sb.item_at(idle).exists
+
+
+# --- what reading legacy keys costs: calls, counted -----------------------------------------------
+def guard_calls(
+    clock: ManualClock, engine: DynamoDBLocal | None, read_legacy: str
+) -> dict[str, dict[str, int]]:
+    """The guard's AWS calls for one idle termination, and for one busy termination's first look and
+    release, with bare-id items read or not."""
+    settings = SandboxSettings(env={Env.READ_LEGACY_KEYS: read_legacy})
+    with start(clock, engine, settings) as sb:
+        counter = AwsCallCounter.of_guard(sb)
+        idle, busy = sb.instances(GROUP)[:2]
+        sb.terminate(idle)
+        calls = {"idle": dict(counter.take())}
+        lease = sb.begin(busy)
+        sb.terminate(busy)
+        calls["busy, first look"] = dict(counter.take())
+        Sandbox.end(lease)
+        sb.pump_stream()
+        calls["busy, last lease ended"] = dict(counter.take())
+        assert completions(sb, idle) == completions(sb, busy) == [("CONTINUE", "guard")]
+        return calls
+
+
+def test_reading_legacy_keys_costs_a_transaction_per_release_and_a_read_per_look(
+    clock: ManualClock, isolated_keys: None
+) -> None:
+    without = guard_calls(clock, None, "false")
+    assert without == {
+        "idle": {"UpdateItem": 1, "CompleteLifecycleAction": 1},
+        "busy, first look": {"UpdateItem": 2},
+        "busy, last lease ended": {"UpdateItem": 1, "CompleteLifecycleAction": 1},
+    }
+    with_legacy = guard_calls(clock, None, "true")
+    assert with_legacy == {
+        "idle": {"TransactWriteItems": 1, "CompleteLifecycleAction": 1},
+        # the refused release-if-idle reads both items again; the draining mark reads the companion
+        "busy, first look": {"TransactWriteItems": 1, "BatchGetItem": 2, "UpdateItem": 1},
+        "busy, last lease ended": {"TransactWriteItems": 1, "CompleteLifecycleAction": 1},
+    }

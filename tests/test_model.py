@@ -35,7 +35,7 @@ import types
 import uuid
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from unittest import mock
 
@@ -52,8 +52,8 @@ from busy_guard.sandbox.clock import ManualClock
 from busy_guard.sandbox.dynamodb_local import DynamoDBLocal
 from busy_guard.sandbox.hooks import Completion
 from busy_guard.sandbox.world import HOOK, Sandbox, SandboxSettings
-from busy_guard.settings import heartbeat_every_seconds
-from busy_guard.writer import InstanceDrainingError, LeaseHandle
+from busy_guard.settings import Env, heartbeat_every_seconds
+from busy_guard.writer import InstanceDrainingError, LeaseHandle, begin_destructive_op_sync
 
 EXAMPLES = int(os.environ.get("BUSY_GUARD_MODEL_EXAMPLES", "4"))
 STEPS = int(os.environ.get("BUSY_GUARD_MODEL_STEPS", "30"))
@@ -65,7 +65,13 @@ MAX_WAIT = 1800.0
 LEASE_TTL = 180.0
 HEARTBEAT_EVERY = heartbeat_every_seconds(HEARTBEAT_TIMEOUT, TICK)
 WORLD = SandboxSettings(
-    groups={GROUP: 3}, heartbeat_timeout=HEARTBEAT_TIMEOUT, max_wait=MAX_WAIT, max_wait_result="CONTINUE"
+    groups={GROUP: 3},
+    heartbeat_timeout=HEARTBEAT_TIMEOUT,
+    max_wait=MAX_WAIT,
+    max_wait_result="CONTINUE",
+    # A real deployment's scheme: items keyed by instance ARN, the replaced system's bare-id items
+    # still read (some writers below are legacy ones).
+    env={Env.KEY_SCHEME: "isolated", Env.READ_LEGACY_KEYS: "true"},
 )
 STATS: Counter[str] = Counter()
 ENGINES = ("moto", "dynamodb-local")
@@ -134,7 +140,7 @@ class GuardModel(RuleBasedStateMachine):
         self.sb.guard.table.client.meta.events.register_first("before-send.dynamodb.*", self.fault)
         # The operator's `busy-guard release` runs with its own clients, as the CLI does.
         self.operator_hooks = LifecycleHooks(self.sb.autoscaling, HOOK)
-        self.operator_table = BusyTable(self.sb.dynamodb, self.sb.table_name)
+        self.operator_table = BusyTable(self.sb.dynamodb, self.sb.table_name, keys=self.sb.keys)
         self.maintenance: dict[str, schema.Maintenance] = {}  # instance -> the drain's own mark
         self.terminated: set[str] = set()  # instances whose termination was ever started
         self.leases: list[Lease] = []
@@ -168,7 +174,12 @@ class GuardModel(RuleBasedStateMachine):
         return sorted(i for i in self.boot if (self.sb.emulator.state(i) or "").startswith("Warmed:Stopped"))
 
     def snapshot(self) -> None:
-        self.before = {i: self.sb.item(i) for i in self.boot}
+        """Every instance's work before a guard invocation: its ARN item's leases and the legacy
+        writers' on its bare-id item (``with_companion_work`` merges them, as ``status`` does)."""
+        self.before = {
+            i: schema.with_companion_work(replace(self.sb.item(i), legacy=self.sb.item_at(i)))
+            for i in self.boot
+        }
 
     def guarded(self, action: Any) -> None:
         """A guard invocation: failures are Lambda's to retry; the next tick repairs them."""
@@ -197,14 +208,27 @@ class GuardModel(RuleBasedStateMachine):
 
     # --- writers ----------------------------------------------------------------------------------
     @precondition(lambda self: len(self.leases) < 6)
-    @rule(data=st.data(), ttl=st.sampled_from([LEASE_TTL, 3 * LEASE_TTL]))
-    def begin(self, data: st.DataObject, ttl: float) -> None:
+    @rule(
+        data=st.data(),
+        ttl=st.sampled_from([LEASE_TTL, 3 * LEASE_TTL]),
+        legacy=st.sampled_from([False, False, True]),
+    )
+    def begin(self, data: st.DataObject, ttl: float, legacy: bool) -> None:
         alive = self.alive()
         if not alive:
             return
         instance = data.draw(st.sampled_from(alive))
         item = self.sb.item(instance)
         identity._boot_time = self.boot[instance]  # the writer's boot time is this instance's
+        if legacy:
+            # A writer still on the replaced system's scheme: its lease lands on the bare-id item,
+            # where no draining mark ever is, so it is never refused; the guard must still wait for it.
+            options = self.sb.writer_options(ttl)
+            legacy_handle = begin_destructive_op_sync(instance, "legacy_job", key_scheme="legacy", **options)
+            assert legacy_handle is not None and legacy_handle.key == instance
+            self.leases.append(Lease(legacy_handle, instance, self.clock() + ttl))
+            STATS["legacy begins"] += 1
+            return
         try:
             handle = self.sb.begin(instance, lease_ttl=ttl)
         except InstanceDrainingError:
@@ -227,7 +251,8 @@ class GuardModel(RuleBasedStateMachine):
             self.leases.remove(lease)
         elif how == "renew":
             if Sandbox.renew(lease.handle):
-                found = {entry.lease_id: entry for entry in self.sb.item(lease.instance_id).leases}
+                item = self.sb.item_at(lease.handle.key, lease.instance_id)
+                found = {entry.lease_id: entry for entry in item.leases}
                 lease.expires_at = found[lease.handle.lease_id].expires_at
         else:
             lease.crashed = True  # no end, no renewal: its lease expires

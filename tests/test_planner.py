@@ -25,11 +25,12 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from busy_guard import settings
+from busy_guard import decision as decision_module
+from busy_guard import schema, settings
 from busy_guard.decision import Action, DecisionConfig, Reason, decide
 from busy_guard.guard import planner
 from busy_guard.guard.autoscaling import GroupInstance, HookResult
-from busy_guard.schema import BusyState, Draining, Lease, Maintenance, Released
+from busy_guard.schema import BusyState, Draining, Lease, Maintenance, Proof, Released
 
 NOW = 1_800_000_000.0
 CONFIG = DecisionConfig(max_wait=3600.0, clock_skew=30.0, legacy_stale_after=6 * 3600.0)
@@ -77,7 +78,7 @@ releaseds = st.builds(
 
 
 @st.composite
-def states(draw: st.DrawFn, instance_id: str | None = None) -> BusyState:
+def items(draw: st.DrawFn, instance_id: str | None = None) -> BusyState:
     found = draw(st.lists(leases, max_size=3, unique_by=lambda lease: lease.lease_id))
     counter = draw(st.none() | st.integers(min_value=-1, max_value=4))
     return BusyState(
@@ -89,6 +90,19 @@ def states(draw: st.DrawFn, instance_id: str | None = None) -> BusyState:
         last_op_at_raw="2027-01-15T08:00:00Z",
         draining=draw(st.none() | drainings),
         released=draw(st.none() | releaseds),
+    )
+
+
+@st.composite
+def states(draw: st.DrawFn, instance_id: str | None = None) -> BusyState:
+    """An item, and sometimes its bare-id companion (the isolated scheme reading legacy items)."""
+    state = draw(items(instance_id))
+    if draw(st.booleans()):
+        return state
+    return replace(
+        state,
+        key=f"arn:aws:ec2:us-east-1:123456789012:instance/{state.instance_id}",
+        legacy=draw(items(state.instance_id)),
     )
 
 
@@ -153,15 +167,64 @@ def assert_proof_matches_decision(step: planner.Claim, progress: planner.Progres
     decision, state = progress.decision, progress.state
     assert decision is not None and state is not None
     assert decision.completes
-    if decision.reason is Reason.IDLE:
-        assert step.proof is not None and step.proof.idle
-    elif decision.reason is Reason.STALE:
-        assert step.proof is not None and step.proof.unchanged == state
+    if decision.reason is Reason.MAX_WAIT_EXCEEDED:
+        assert step.proof is None
+        return
+    # Each item proves its own decision: the instance's, and its companion's in the same transaction.
+    own = replace(state, legacy=None)
+    assert_item_proof(step.proof, own)
+    if state.legacy is not None:
+        assert step.proof is not None
+        assert_item_proof(step.proof.legacy, decision_module.companion_of(state))
     else:
-        assert decision.reason is Reason.MAX_WAIT_EXCEEDED and step.proof is None
+        assert step.proof is not None and step.proof.legacy is None
     assert step.draining_since == (
         state.draining.since if state.draining and state.draining.since > 0 else None
     )
+
+
+def assert_item_proof(proof: Proof | None, item: BusyState) -> None:
+    reason = decide(item, CONFIG, NOW).reason
+    assert proof is not None, reason
+    if reason is Reason.IDLE:
+        assert proof.idle and proof.unchanged is None
+    else:
+        assert reason is Reason.STALE and not proof.idle and proof.unchanged == item
+
+
+@st.composite
+def quiet_items(draw: st.DrawFn, instance_id: str) -> BusyState:
+    """Items whose work is as often over (idle, expired, a counter past the stale window) as not."""
+    found = draw(st.lists(leases, max_size=2, unique_by=lambda lease: lease.lease_id))
+    counter = draw(st.sampled_from([None, 0, len(found), len(found) + 1]))
+    last_at = draw(st.sampled_from([NOW - 60, NOW - 7 * 3600]))
+    return BusyState(
+        instance_id=instance_id,
+        exists=True,
+        leases=tuple(sorted(found, key=lambda lease: lease.lease_id)),
+        counter=counter,
+        last_op_at=last_at,
+        last_op_at_raw=schema.iso(last_at),
+    )
+
+
+@given(own=quiet_items("i-00000000000000001"), companion=quiet_items("i-00000000000000001"))
+def test_a_release_proves_each_of_the_two_items_by_its_own_decision(
+    own: BusyState, companion: BusyState
+) -> None:
+    """Under the isolated scheme with legacy items read, a draining instance's release claims the
+    ARN item on its own decision and checks the bare-id companion on the companion's, in one
+    transaction; live work on either holds it (no claim at all)."""
+    state = replace(own, draining=Draining(NOW - 60, "graph-db", HOOK), legacy=companion)
+    progress = planner.first_step(planner.Request(own.instance_id, "graph-db", seen=state), policy())
+    decision = decide(state, CONFIG, NOW)
+    busy = Reason.BUSY in (decide(own, CONFIG, NOW).reason, decide(companion, CONFIG, NOW).reason)
+    assert decision.completes is not busy
+    if busy:
+        assert not isinstance(progress.step, planner.Claim)
+        return
+    assert isinstance(progress.step, planner.Claim)
+    assert_proof_matches_decision(progress.step, progress)
 
 
 @given(state=states(), every=st.floats(min_value=0, max_value=900), started=st.none() | times)

@@ -76,8 +76,8 @@ K = ContextKey
 
 BY_TABLE: Final = ""
 """``keyScheme`` and ``readLegacyKeys`` unset (cdk.json's value): each takes the default that fits the
-table. A created table is new, so ``isolated`` (with ``readLegacyKeys`` at
-``settings.DEFAULT_READ_LEGACY_KEYS``); an imported table holds the replaced system's bare-id items
+table. A created table is new, so ``isolated`` with ``readLegacyKeys`` false (no bare-id item can
+exist in it); an imported table holds the replaced system's bare-id items
 until it is migrated, so ``legacy``. A value in cdk.json itself would override that choice for both."""
 
 DEFAULTS: Final[dict[str, Any]] = {
@@ -322,7 +322,11 @@ class BusyGuardConfig:
             "observe_only": reader.flag(K.OBSERVE_ONLY),
             "key_scheme": reader.unless_by_table(K.KEY_SCHEME, reader.scheme)
             or default_key_scheme(import_table=import_table),
-            "read_legacy_keys": reader.unless_by_table(K.READ_LEGACY_KEYS, reader.flag),
+            # A table the stack creates can't hold the replaced system's bare-id items (the writers'
+            # policy refuses bare ids): nothing to read, so no transaction per release.
+            "read_legacy_keys": read_legacy
+            if (read_legacy := reader.unless_by_table(K.READ_LEGACY_KEYS, reader.flag)) is not None
+            else (None if import_table else False),
         }
         app_values = {
             "stack_name": reader.text(K.STACK_NAME),
