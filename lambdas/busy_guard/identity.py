@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 import botocore.session
 import botocore.utils
@@ -86,8 +87,7 @@ def validate_instance_arn(value: str, source: str) -> tuple[str, str]:
 
 
 _lock = threading.Lock()
-_imds_arn_prefix: str | None = None
-_imds_id: str | None = None
+_imds_answers: dict[str, str] = {}
 _imds_region: str | None = None
 _imds_failed_at: float | None = None
 _boot_time: float | None = None
@@ -141,25 +141,32 @@ def resolve_key(explicit: str | None, scheme: str) -> tuple[str, str]:
 
 def imds_instance_id() -> str:
     """This EC2 instance's id from IMDSv2, cached; ``""`` off EC2 or when IMDS does not answer."""
-    global _imds_id, _imds_failed_at  # noqa: PLW0603 - a process-wide cache is the point
+    return _cached_imds("instance id", _fetch_instance_id)
+
+
+def _cached_imds(what: str, fetch: Callable[[], str]) -> str:
+    """One answer of IMDS's, fetched once per process; ``""`` when IMDS is disabled or does not answer.
+    A failure is remembered for ``IMDS_FAILURE_TTL`` (for every answer: IMDS is down, not one path)."""
+    global _imds_failed_at  # noqa: PLW0603 - a process-wide cache is the point
     if os.environ.get(ENV_IMDS_DISABLED, "").strip().lower() == "true":
         return ""
     # Held during the fetch: concurrent first callers wait for one request instead of each
     # paying the timeout.
     with _lock:
-        if _imds_id is not None:
-            return _imds_id
+        if what in _imds_answers:
+            return _imds_answers[what]
         if _imds_failed_at is not None and time.monotonic() - _imds_failed_at < IMDS_FAILURE_TTL:
             return ""
         try:
-            _imds_id = _fetch_instance_id()
+            _imds_answers[what] = fetch()
             _imds_failed_at = None
-            return _imds_id
-        # URLError, timeouts and refusals are all OSError; a bad id or endpoint URL is a ValueError;
-        # an invalid endpoint mode or a missing AWS_PROFILE is botocore's.
-        except (OSError, ValueError, BotoCoreError) as err:
+            return _imds_answers[what]
+        # URLError, timeouts and refusals are all OSError; a bad id, ARN, document or endpoint URL is a
+        # ValueError (or a KeyError/TypeError of the document); an invalid endpoint mode or a missing
+        # AWS_PROFILE is botocore's.
+        except (OSError, ValueError, KeyError, TypeError, BotoCoreError) as err:
             _imds_failed_at = time.monotonic()
-            logger.warning("busy_guard: no instance id from IMDS (%s); operations run without a lease", err)
+            logger.warning("busy_guard: no %s from IMDS (%s); operations run without a lease", what, err)
             return ""
 
 
@@ -188,30 +195,20 @@ def imds_region() -> str | None:
 def imds_arn_prefix() -> str:
     """``arn:PARTITION:ec2:REGION:ACCOUNT:instance/`` of this instance, from IMDSv2 (the identity
     document's ``accountId`` and ``region``, and ``meta-data/services/partition``), cached; ``""`` off
-    EC2 or when IMDS does not answer (a failure is remembered like the instance id's)."""
-    global _imds_arn_prefix, _imds_failed_at  # noqa: PLW0603 - a process-wide cache is the point
-    if os.environ.get(ENV_IMDS_DISABLED, "").strip().lower() == "true":
-        return ""
-    with _lock:
-        if _imds_arn_prefix is not None:
-            return _imds_arn_prefix
-        if _imds_failed_at is not None and time.monotonic() - _imds_failed_at < IMDS_FAILURE_TTL:
-            return ""
-        try:
-            document = json.loads(_imds_get("dynamic/instance-identity/document"))
-            partition = _imds_get("meta-data/services/partition")
-            arn = instance_arn(
-                partition=partition,
-                region=str(document["region"]),
-                account=str(document["accountId"]),
-                instance_id=str(document["instanceId"]),
-            )
-            _imds_arn_prefix = arn.removesuffix(str(document["instanceId"]))
-            return _imds_arn_prefix
-        except (OSError, ValueError, KeyError, TypeError, BotoCoreError) as err:
-            _imds_failed_at = time.monotonic()
-            logger.warning("busy_guard: no instance ARN from IMDS (%s); operations run without a lease", err)
-            return ""
+    EC2 or when IMDS does not answer."""
+    return _cached_imds("instance ARN", _fetch_arn_prefix)
+
+
+def _fetch_arn_prefix() -> str:
+    document = json.loads(_imds_get("dynamic/instance-identity/document"))
+    instance_id = str(document["instanceId"])
+    arn = instance_arn(
+        partition=_imds_get("meta-data/services/partition"),
+        region=str(document["region"]),
+        account=str(document["accountId"]),
+        instance_id=instance_id,
+    )
+    return arn.removesuffix(instance_id)
 
 
 def imds_endpoint() -> str:
@@ -272,11 +269,10 @@ def _read_boot_time() -> float:
 
 
 def reset_caches() -> None:
-    """Forget the cached instance id, region and boot time (tests)."""
-    global _imds_id, _imds_failed_at, _boot_time, _imds_region, _imds_arn_prefix  # noqa: PLW0603
+    """Forget the cached instance id, ARN, region and boot time (tests)."""
+    global _imds_failed_at, _boot_time, _imds_region  # noqa: PLW0603
     with _lock:
-        _imds_arn_prefix = None
+        _imds_answers.clear()
         _imds_region = None
-        _imds_id = None
         _imds_failed_at = None
         _boot_time = None

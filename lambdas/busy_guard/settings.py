@@ -86,7 +86,11 @@ FUNCTION_TIMEOUT_SECONDS: Final = 50
 """The guard Lambda's timeout: under the one-minute schedule, so ticks never pile up."""
 DEADLINE_MARGIN_SECONDS: Final = 2
 """Kept back from the remaining time, for the handler's own logging and metrics."""
-LIFECYCLE_EVENT_MAX_DELAY_SECONDS: Final = 3600 + 15 * 60
+RULE_TARGET_MAX_EVENT_AGE_SECONDS: Final = 3600
+"""The lifecycle rule's target retries delivering an event for at most an hour."""
+ASYNC_MAX_EVENT_AGE_SECONDS: Final = 15 * 60
+"""Lambda's async queue keeps a throttled invocation for at most 15 minutes."""
+LIFECYCLE_EVENT_MAX_DELAY_SECONDS: Final = RULE_TARGET_MAX_EVENT_AGE_SECONDS + ASYNC_MAX_EVENT_AGE_SECONDS
 """The rule's target gives up on an event after 1 h, Lambda's async queue after 15 min more: an
 event's ``time`` older than this is not believed as the start of the wait."""
 

@@ -78,7 +78,7 @@ DESCRIBE_ACTIONS = (
 """The tick lists the groups' instances and their warm pools, and reads our hook's real timeout;
 DescribeAutoScalingInstances is only the CLI's."""
 
-FUNCTION_TIMEOUT = Duration.seconds(50)
+FUNCTION_TIMEOUT = Duration.seconds(S.FUNCTION_TIMEOUT_SECONDS)
 """Under the one-minute schedule, so ticks never pile up; a tick is a scan, a few describes and a few
 API calls per waiting instance."""
 FUNCTION_MEMORY_MB = 1024
@@ -89,7 +89,7 @@ ASYNC_RETRY_ATTEMPTS = 0
 """A failed invocation from either rule is not run again by Lambda: the next tick, at most a minute
 away, is the retry, and it starts from the table and Auto Scaling's state instead of an old event.
 (Throttled invocations are still queued and retried by Lambda until ``ASYNC_MAX_EVENT_AGE``.)"""
-ASYNC_MAX_EVENT_AGE = Duration.minutes(15)
+ASYNC_MAX_EVENT_AGE = Duration.seconds(S.ASYNC_MAX_EVENT_AGE_SECONDS)
 STREAM_RETRY_ATTEMPTS = 5
 STREAM_MAX_RECORD_AGE = Duration.hours(1)
 QUEUE_RETENTION = Duration.days(14)
@@ -367,7 +367,7 @@ class BusyGuard(Construct):
                 self.function,
                 dead_letter_queue=self.event_dlq,
                 retry_attempts=20,
-                max_event_age=Duration.hours(1),
+                max_event_age=Duration.seconds(S.RULE_TARGET_MAX_EVENT_AGE_SECONDS),
             )
         )
         self.schedule_rule = events.Rule(
