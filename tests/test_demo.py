@@ -12,9 +12,7 @@ import pytest
 from busy_guard.sandbox.demo import SCENARIOS, run_demo
 
 # The demo runs the isolated key scheme, as `make demo` and every new deployment do.
-pytestmark = pytest.mark.usefixtures("isolated_keys")
-
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("isolated_keys")]
 
 
 def test_every_scenario_passes(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,7 +15,9 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import boto3
 import pytest
+from botocore.stub import Stubber
 from hypothesis import given
 from hypothesis import strategies as st
 from test_cli import EmulatedSession, put_lease
@@ -421,3 +423,30 @@ def test_reading_legacy_keys_costs_a_transaction_per_release_and_a_read_per_look
         "busy, first look": {"TransactWriteItems": 1, "BatchGetItem": 2, "UpdateItem": 1},
         "busy, last lease ended": {"TransactWriteItems": 1, "CompleteLifecycleAction": 1},
     }
+
+
+@pytest.mark.parametrize(
+    ("scheme", "hint"),
+    [
+        ("isolated", "only with its instance profile's credentials"),
+        ("legacy", "a stack with KeyScheme=isolated needs BUSY_GUARD_KEY_SCHEME=isolated"),
+    ],
+)
+def test_access_denied_says_what_the_writers_policy_allows(
+    scheme: str, hint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What IAM answers a writer on the wrong item or with the wrong credentials (moto enforces no
+    IAM, so the answer is stubbed): the work runs, and the log says why it is unguarded."""
+    client = boto3.client("dynamodb", region_name=REGION)
+    stubber = Stubber(client)
+    stubber.add_client_error("update_item", service_error_code="AccessDeniedException", http_status_code=400)
+    writer.reset_caches()
+    with stubber, caplog.at_level(logging.WARNING, "busy_guard"):
+        ran = []
+        with writer.instance_busy_sync(
+            arn("i-0123456789abcdef0"), "backfill", table="t.able", client=client, key_scheme=scheme
+        ) as lease:
+            ran.append(lease)
+    assert ran == [None]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and hint in errors[0], errors

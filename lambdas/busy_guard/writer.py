@@ -34,6 +34,8 @@ from botocore.exceptions import ClientError
 from busy_guard import identity, schema
 from busy_guard.settings import (
     DEFAULT_KEY_SCHEME,
+    KEY_SCHEME_ISOLATED,
+    KEY_SCHEME_LEGACY,
     KEY_SCHEMES,
     LEASE_HEARTBEAT_SECONDS,
     LEASE_TTL_SECONDS,
@@ -378,6 +380,8 @@ class _Writer:
                 _shown(resolved),
                 _describe(err),
             )
+            if isinstance(err, ClientError) and _error_code(err) == "AccessDeniedException":
+                _log_once("access-denied", logging.ERROR, "busy_guard: %s", self._access_hint())
             return None
         if not recorded:
             return None
@@ -385,6 +389,20 @@ class _Writer:
             "busy_guard: lease %s (%s) recorded on %s", lease.lease_id, _shown(kind), _shown(resolved)
         )
         return LeaseHandle(lease.lease_id, resolved, kind, self.table, self, key=key)
+
+    def _access_hint(self) -> str:
+        """What an AccessDenied on the lease's item most likely means, by key scheme."""
+        if self.key_scheme == KEY_SCHEME_ISOLATED:
+            return (
+                "access denied: the writers' policy lets an instance update only the item keyed by its "
+                "own ARN, and only with its instance profile's credentials (a container task role or an "
+                f"assumed role carries no ec2:SourceInstanceARN); a table still on bare ids needs "
+                f"{Env.KEY_SCHEME}={KEY_SCHEME_LEGACY}"
+            )
+        return (
+            f"access denied: attach the stack's WriterPolicyArn to this instance's role; a stack with "
+            f"KeyScheme=isolated needs {Env.KEY_SCHEME}={KEY_SCHEME_ISOLATED}"
+        )
 
     def _record(self, key: str, lease: schema.Lease) -> bool:
         boot = identity.boot_time()

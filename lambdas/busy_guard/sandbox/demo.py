@@ -251,8 +251,11 @@ class _World:
         return outcome
 
     def _begin(self, instance_id: str, kind: str) -> LeaseHandle | None:
-        # Renewed once per simulated minute by ``_renew`` (see ``Sandbox.writer_options``).
-        lease = begin_destructive_op_sync(instance_id, kind, **self.sb.writer_options(LEASE_TTL))
+        # Renewed once per simulated minute by ``_renew`` (see ``Sandbox.writer_options``). Off EC2
+        # the writer is handed its item's key (the instance ARN under the isolated scheme), as IMDS
+        # would tell it on the instance.
+        key = self.sb.keys.key(instance_id)
+        lease = begin_destructive_op_sync(key, kind, **self.sb.writer_options(LEASE_TTL))
         if lease is not None:
             self._all.append(lease)
         return lease

@@ -300,29 +300,36 @@ class Sandbox:
 
 class StreamReader:
     """A table's stream, read from its start: each call returns the records written since the last,
-    in the shape the Lambda event source delivers them."""
+    in the shape the Lambda event source delivers them.
+
+    Each call asks for a fresh iterator after the last sequence number it delivered, never keeping
+    one: moto undoes a cancelled ``TransactWriteItems`` by restoring a deep copy of its tables, and
+    an iterator held across that points at the discarded copy's shard and sees nothing more. (Real
+    DynamoDB and DynamoDB Local have no such problem; a fresh iterator costs them one call.)"""
 
     def __init__(self, streams: DynamoDBStreamsClient, stream_arn: str) -> None:
         self.streams = streams
         self.stream_arn = stream_arn
-        self._iterators: dict[str, str | None] = {}  # None: a closed shard read to its end
+        self._after: dict[str, str] = {}  # shard id -> the last sequence number delivered
 
     def new_records(self) -> list[dict[str, Any]]:
         shards = self.streams.describe_stream(StreamArn=self.stream_arn)["StreamDescription"]["Shards"]
         records: list[dict[str, Any]] = []
         for shard in shards:
             shard_id = shard["ShardId"]
-            if shard_id in self._iterators and self._iterators[shard_id] is None:
-                continue
-            iterator = (
-                self._iterators.get(shard_id)
-                or self.streams.get_shard_iterator(
-                    StreamArn=self.stream_arn, ShardId=shard_id, ShardIteratorType="TRIM_HORIZON"
-                )["ShardIterator"]
+            after = self._after.get(shard_id)
+            position: Any = (
+                {"ShardIteratorType": "AFTER_SEQUENCE_NUMBER", "SequenceNumber": after}
+                if after is not None
+                else {"ShardIteratorType": "TRIM_HORIZON"}
             )
-            page = self.streams.get_records(ShardIterator=iterator)
+            iterator = self.streams.get_shard_iterator(
+                StreamArn=self.stream_arn, ShardId=shard_id, **position
+            )
+            page = self.streams.get_records(ShardIterator=iterator["ShardIterator"])
             records.extend(_as_lambda_record(r, self.stream_arn) for r in page["Records"])
-            self._iterators[shard_id] = page.get("NextShardIterator")
+            if page["Records"]:
+                self._after[shard_id] = page["Records"][-1]["dynamodb"]["SequenceNumber"]
         return records
 
 
