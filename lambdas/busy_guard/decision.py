@@ -120,7 +120,6 @@ def with_companion(own: Decision, companion: Decision) -> Decision:
     ARN-keyed item's; live work on either holds it; otherwise stale on either is stale."""
     if not own.completes or own.reason is Reason.MAX_WAIT_EXCEEDED or companion.reason is Reason.IDLE:
         return own
-    kinds = tuple(sorted({*own.lease_kinds, *companion.lease_kinds}))[:MAX_KINDS]
     if not companion.completes:
         return Decision(
             Action.WAIT,
@@ -130,6 +129,7 @@ def with_companion(own: Decision, companion: Decision) -> Decision:
             lease_kinds=companion.lease_kinds,
         )
     stale = own.stale_markers + companion.stale_markers
+    kinds = tuple(sorted({*own.lease_kinds, *companion.lease_kinds}))[:MAX_KINDS]
     return Decision(
         Action.CONTINUE,
         Reason.STALE,

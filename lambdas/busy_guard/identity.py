@@ -48,7 +48,6 @@ _TOKEN_TTL_SECONDS = "21600"  # noqa: S105 - a lifetime in seconds, not a secret
 _INSTANCE_ID = re.compile(INSTANCE_ID_PATTERN)
 SOURCE_ARGUMENT = "the instance_id argument"
 SOURCE_IMDS = "IMDS meta-data/instance-id"
-SOURCE_IMDS_ARN = "IMDS dynamic/instance-identity/document and meta-data/services/partition"
 
 
 class InvalidInstanceIdError(ValueError):

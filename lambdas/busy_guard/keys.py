@@ -60,6 +60,11 @@ def instance_id_of(key: str) -> str:
     return parsed[1] if parsed is not None else key
 
 
+def is_bare_id(key: str) -> bool:
+    """Whether ``key`` is a bare instance id: the legacy scheme's key, and the isolated one's companion."""
+    return _ID.fullmatch(key) is not None
+
+
 @dataclass(frozen=True)
 class InstanceKeys:
     """The key scheme of one table. ``arn_prefix`` is ``arn:PARTITION:ec2:REGION:ACCOUNT:instance/``
@@ -100,10 +105,10 @@ class InstanceKeys:
         """The instance whose primary item ``key`` is, under this scheme; None for any other key
         (a companion, another account's or region's ARN, junk)."""
         instance_id = instance_id_of(key)
-        return instance_id if _ID.fullmatch(instance_id) and self.key(instance_id) == key else None
+        return instance_id if is_bare_id(instance_id) and self.key(instance_id) == key else None
 
     def is_companion(self, key: str) -> bool:
-        return self.read_legacy and _ID.fullmatch(key) is not None
+        return self.read_legacy and is_bare_id(key)
 
 
 LEGACY = InstanceKeys()

@@ -13,7 +13,6 @@ so the caller can turn it into a WAIT decision; a conditional failure is an answ
 from __future__ import annotations
 
 import random
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -23,9 +22,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from busy_guard import schema, settings
 from busy_guard.guard.deadline import NO_DEADLINE, Deadline
-from busy_guard.keys import LEGACY, InstanceKeys
+from busy_guard.keys import LEGACY, InstanceKeys, is_bare_id
 from busy_guard.schema import BusyState, Draining, Maintenance, Proof, Released
-from busy_guard.settings import INSTANCE_ID_PATTERN
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -217,7 +215,7 @@ class BusyTable:
                     continue
                 if self._keys.owner(state.key) is not None:
                     states[state.instance_id] = state
-                elif re.fullmatch(INSTANCE_ID_PATTERN, state.key):
+                elif is_bare_id(state.key):
                     pass  # a bare-id item under the isolated scheme: only ever a companion, read below
                 else:
                     # Not a key this scheme makes (junk, or another account's or region's ARN): kept
@@ -231,7 +229,11 @@ class BusyTable:
         """The companions of the draining items, read in batches: a tick decides on both items."""
         if not self._keys.read_legacy:
             return states
-        pairs = [(i, i) for i, s in states.items() if s.draining is not None and self._keys.owner(s.key)]
+        pairs = [
+            (i, legacy)
+            for i, s in states.items()
+            if s.draining is not None and self._keys.owner(s.key) and (legacy := self._keys.legacy_key(i))
+        ]
         for (instance_id, _key), companion in self._read_keys(pairs, deadline).items():
             states[instance_id] = replace(states[instance_id], legacy=companion)
         return states
